@@ -1,0 +1,430 @@
+"""The HTTP application and the process lifecycle, in one place.
+
+:class:`Gateway` creates and closes everything a replica owns: the token
+verifier, the hub, the broker connection and its supervisor task, the history,
+the WebSocket endpoint. :func:`serve` runs one process until SIGTERM/SIGINT and
+shuts it down in order: not ready at once, sockets closed with 1001 spread over
+``drain_seconds``, broker closed (unacked deliveries return to RabbitMQ), exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from . import metrics
+from .auth import TokenVerifier, mint_token
+from .broker import Broker
+from .config import Settings
+from .connection import BrokerUnavailable, Session, SocketServer
+from .history import MemoryHistory, RecentIds
+from .hub import Hub
+from .protocol import (
+    MAX_ID_LENGTH,
+    Channel,
+    ControlCommand,
+    Disconnect,
+    Notification,
+    ProtocolError,
+    Revoke,
+    CloseCode,
+    loads,
+    parse_channel,
+    valid_event,
+)
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(str(resources.files("notifyd") / "static"))
+
+
+class Gateway:
+    """Everything one replica owns, created in :meth:`start` and closed in :meth:`stop`."""
+
+    def __init__(self, settings: Settings, replica_id: str | None = None) -> None:
+        self.settings = settings
+        self.verifier = TokenVerifier(settings.auth)
+        history_settings = settings.history
+        self.history: MemoryHistory | None = None
+        if history_settings.backend == "memory":
+            self.history = MemoryHistory(
+                history_settings.max_per_user, history_settings.max_age, history_settings.max_total
+            )
+        self.broker = Broker(
+            settings.amqp, self._on_notification, self._on_control, replica_id=replica_id
+        )
+        # With in-memory history a user's key stays bound for the retention window:
+        # what is published while they are away must reach this process's history.
+        linger = settings.ws.binding_grace
+        if self.history is not None:
+            linger = max(linger, history_settings.max_age)
+        self.hub = Hub(
+            self.broker.bindings,
+            linger=linger,
+            history=self.history,
+            dedupe=RecentIds(settings.amqp.dedupe_window) if settings.amqp.dedupe_window else None,
+            on_delivered=self._on_delivered,
+        )
+        self.sockets = SocketServer(
+            settings,
+            self.hub,
+            self.verifier,
+            self.broker,
+            replay=self._replay_memory if self.history is not None else None,
+            routable=self.broker.wait_routable,
+        )
+        self.stream: Any = None
+        if history_settings.backend == "stream":
+            from .stream import StreamHistory
+
+            self.stream = StreamHistory(settings.history, self.broker)
+            self.sockets.replay = self.stream.replay
+        self.draining = False
+        self._broker_task: asyncio.Task[None] | None = None
+
+    # --- routing callbacks ------------------------------------------------------------
+
+    def _on_notification(self, notification: Notification) -> None:
+        self.hub.deliver(notification)
+
+    def _on_delivered(self, notification: Notification, written: int) -> None:
+        if notification.receipt:
+            self.broker.send_receipt(notification, written)
+
+    def _on_control(self, command: ControlCommand) -> None:
+        if isinstance(command, Disconnect):
+            closed = self.hub.disconnect_user(command.user)
+            log.info("control: disconnected user %s (%d sockets here)", command.user, closed)
+        elif isinstance(command, Revoke):
+            self.verifier.revoke(command.token_ids, command.until)
+            revoked = set(command.token_ids)
+            closed = 0
+            for subscriber in self.hub:
+                if isinstance(subscriber, Session) and subscriber.identity.token_id in revoked:
+                    subscriber.close_soon(CloseCode.UNAUTHORIZED, "token revoked")
+                    closed += 1
+            log.info("control: revoked %d token ids (%d sockets here)", len(revoked), closed)
+
+    async def _replay_memory(
+        self, since: str, channels: list[Channel], before_seq: int | None
+    ) -> list[Notification] | None:
+        assert self.history is not None
+        self.history.expire(time.time())
+        return self.history.replay(since, channels, before_seq)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.broker.connected.is_set() and not self.draining
+
+    async def start(self) -> None:
+        if self.stream is not None:
+            self.broker.on_connected.append(self.stream.on_connected)
+        self._broker_task = asyncio.get_running_loop().create_task(self.broker.run())
+        metrics.DRAINING.set(0)
+
+    def begin_drain(self) -> None:
+        """Fail readiness and refuse new sockets; existing ones stay for now."""
+        if not self.draining:
+            log.info("draining: readiness now fails")
+        self.draining = True
+        self.sockets.draining = True
+        metrics.DRAINING.set(1)
+        metrics.READY.set(0)
+
+    async def drain(self) -> None:
+        self.begin_drain()
+        await self.sockets.drain(self.settings.server.drain_seconds)
+
+    async def stop(self) -> None:
+        await self.drain()
+        self.hub.close()
+        await self.broker.close()
+        if self._broker_task is not None:
+            self._broker_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._broker_task
+        if self.stream is not None:
+            await self.stream.close()
+        await self.verifier.close()
+
+    async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
+        await self.start()
+        yield
+        await self.stop()
+
+
+GATEWAY = web.AppKey("gateway", Gateway)
+
+
+# --- HTTP handlers --------------------------------------------------------------------
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    ready = gateway.ready
+    metrics.READY.set(1 if ready else 0)
+    body = {"ready": ready, "broker": gateway.broker.connected.is_set(), "draining": gateway.draining}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    if GATEWAY in request.app:
+        metrics.READY.set(1 if request.app[GATEWAY].ready else 0)
+    response = web.Response(body=generate_latest(REGISTRY))
+    response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
+    return response
+
+
+async def _publish_from_http(request: web.Request) -> web.Response:
+    """Validate an HTTP publish body and send it through RabbitMQ."""
+    gateway = request.app[GATEWAY]
+    try:
+        body = loads(await request.read())
+    except ValueError:
+        return _json_error(400, "bad_json", "body must be JSON")
+    if not isinstance(body, dict):
+        return _json_error(400, "bad_body", "body must be a JSON object")
+    try:
+        channel = parse_channel(body.get("channel"))
+    except ProtocolError as exc:
+        return _json_error(400, exc.code, exc.message)
+    event = body.get("event")
+    if event is not None and not valid_event(event):
+        return _json_error(400, "bad_body", "'event' must be a short name")
+    if "data" not in body:
+        return _json_error(400, "bad_body", "'data' is required")
+    message_id = body.get("id")
+    if message_id is not None and (
+        not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID_LENGTH
+    ):
+        return _json_error(400, "bad_body", "'id' must be a string of 1..128 characters")
+    try:
+        notification_id = await gateway.broker.publish(
+            channel, event, body["data"], message_id=message_id
+        )
+    except BrokerUnavailable as exc:
+        return _json_error(503, "broker_unavailable", str(exc))
+    return web.json_response({"id": notification_id}, status=202)
+
+
+async def api_publish(request: web.Request) -> web.Response:
+    keys = request.app[GATEWAY].settings.api.service_keys
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    if not keys:
+        return _json_error(403, "disabled", "no [api] service_keys are configured")
+    if scheme.lower() != "bearer" or not any(
+        hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys
+    ):
+        return _json_error(401, "unauthorized", "a valid service key is required")
+    return await _publish_from_http(request)
+
+
+async def client_js(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(
+        STATIC_DIR / "notifyd.js", headers={"Content-Type": "text/javascript; charset=utf-8"}
+    )
+
+
+async def demo_page(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "demo.html")
+
+
+async def demo_token(request: web.Request) -> web.Response:
+    """Dev only: mint a token for whoever asks (the demo is never for production)."""
+    auth = request.app[GATEWAY].settings.auth
+    if not auth.secret or not auth.algorithms[0].startswith("HS"):
+        return _json_error(400, "unsupported", "the demo mints HS* tokens; set [auth] secret")
+    try:
+        body = loads(await request.read() or b"{}")
+    except ValueError:
+        return _json_error(400, "bad_json", "body must be JSON")
+    if not isinstance(body, dict):
+        return _json_error(400, "bad_body", "body must be a JSON object")
+    user = body.get("user")
+    topics = body.get("topics") or []
+    publish = body.get("publish") or []
+    ttl = body.get("ttl", 3600)
+    from .protocol import valid_name
+
+    if not valid_name(user):
+        return _json_error(400, "bad_body", "'user' must be a valid user id")
+    names = [*topics, *publish]
+    if not isinstance(topics, list) or not isinstance(publish, list) or not all(
+        isinstance(t, str) and valid_name(t.removesuffix(".*")) for t in names
+    ):
+        return _json_error(400, "bad_body", "'topics' and 'publish' must be lists of topic names")
+    if not isinstance(ttl, int) or not 10 <= ttl <= 86_400:
+        return _json_error(400, "bad_body", "'ttl' must be 10..86400 seconds")
+    token = mint_token(auth.secret, user, ttl, topics, publish, algorithm=auth.algorithms[0])
+    return web.json_response({"token": token, "expires_at": int(time.time()) + ttl})
+
+
+async def index(request: web.Request) -> web.Response:
+    if request.app[GATEWAY].settings.demo.enabled:
+        raise web.HTTPFound("/demo")
+    return web.json_response({"service": "notifyd", "websocket": "/ws"})
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    return await request.app[GATEWAY].sockets.handle(request)
+
+
+def create_app(settings: Settings, replica_id: str | None = None) -> web.Application:
+    """The aiohttp application; its cleanup context owns the gateway's lifecycle."""
+    app = web.Application(client_max_size=settings.api.max_body_size)
+    gateway = Gateway(settings, replica_id)
+    app[GATEWAY] = gateway
+    app.cleanup_ctx.append(gateway.lifespan)
+    # Drain before aiohttp waits for handlers: they end only when their sockets close.
+    app.on_shutdown.append(lambda _: gateway.drain())
+    app.router.add_get("/", index)
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_post("/api/publish", api_publish)
+    app.router.add_get("/client/notifyd.js", client_js)
+    if settings.demo.enabled:
+        app.router.add_get("/demo", demo_page)
+        app.router.add_post("/demo/token", demo_token)
+        app.router.add_post("/demo/publish", _publish_from_http)
+        app.router.add_static("/demo/", STATIC_DIR)
+    return app
+
+
+def metrics_app() -> web.Application:
+    app = web.Application()
+    app.router.add_get("/metrics", metrics_endpoint)
+    return app
+
+
+class AccessLogger(AbstractAccessLogger):
+    """Access log without query strings: ``?token=`` must never reach a log."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            '%s "%s %s" %d %.3fs', request.remote, request.method, request.path, response.status, time
+        )
+
+
+#: Options for every aiohttp runner that serves the app (also used by the tests).
+RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger}
+
+
+# --- running a process ---------------------------------------------------------------
+
+
+async def serve(settings: Settings, replica_id: str | None = None, reuse_port: bool = False) -> None:
+    """Run one replica until SIGTERM/SIGINT, then shut down in order."""
+    server = settings.server
+    app = create_app(settings, replica_id)
+    gateway = app[GATEWAY]
+    runner = web.AppRunner(
+        app, handle_signals=False, shutdown_timeout=server.shutdown_timeout, **RUNNER_OPTIONS
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None)
+    await site.start()
+    metrics_runner: web.AppRunner | None = None
+    if server.metrics_port:
+        metrics_runner = web.AppRunner(metrics_app(), handle_signals=False, **RUNNER_OPTIONS)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, server.host, server.metrics_port, reuse_port=reuse_port or None).start()
+    log.info(
+        "notifyd listening on http://%s:%d (ws /ws, metrics %s)",
+        server.host, server.port,
+        f":{server.metrics_port}/metrics" if server.metrics_port else "/metrics",
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    log.info("shutdown requested")
+    started = time.monotonic()
+    try:
+        # Readiness fails while the listener is still open, so a load balancer
+        # sees 503 and stops routing here before sockets start to close.
+        async with asyncio.timeout(server.shutdown_timeout):
+            await gateway.drain()
+            await runner.cleanup()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+    except TimeoutError:
+        log.error("shutdown took longer than %.0fs; exiting anyway", server.shutdown_timeout)
+    log.info("stopped in %.1fs", time.monotonic() - started)
+
+
+def _install_uvloop() -> None:
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+
+
+def run_worker(settings: Settings, replica_id: str | None, reuse_port: bool) -> None:
+    _install_uvloop()
+    asyncio.run(serve(settings, replica_id, reuse_port))
+
+
+def run(settings: Settings) -> None:
+    """Run ``[server] workers`` processes sharing the port (SO_REUSEPORT)."""
+    workers = settings.server.workers
+    if workers == 1:
+        run_worker(settings, None, reuse_port=False)
+        return
+    from .broker import default_replica_id
+
+    base = settings.amqp.replica_id or default_replica_id()
+    context = multiprocessing.get_context("spawn")
+    processes = []
+    for index in range(workers):
+        worker_settings = settings
+        if settings.server.metrics_port:
+            worker_settings = settings.replace("server", metrics_port=settings.server.metrics_port + index)
+        process = context.Process(
+            target=_worker_main,
+            args=(worker_settings, f"{base}-w{index}", logging.getLogger().level),
+            name=f"notifyd-worker-{index}",
+        )
+        process.start()
+        processes.append(process)
+
+    def forward(signum: int, _: Any) -> None:
+        for process in processes:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for process in processes:
+        process.join()
+
+
+def _worker_main(settings: Settings, replica_id: str, log_level: int) -> None:
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(settings, replica_id, reuse_port=True)

@@ -1,0 +1,176 @@
+"""``notifyd``: serve, publish, mint a dev token, check a config, run a dev broker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from . import __version__
+from .config import ConfigError, Settings, load
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+    return load(getattr(args, "config", None), overrides=overrides)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, dict[str, Any]] = {}
+    for section, key, value in (
+        ("server", "host", args.host),
+        ("server", "port", args.port),
+        ("server", "workers", args.workers),
+        ("amqp", "url", args.amqp_url),
+        ("demo", "enabled", True if args.demo else None),
+    ):
+        if value is not None:
+            overrides.setdefault(section, {})[key] = value
+    settings = _settings(args, overrides)
+    from .app import run
+
+    run(settings)
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from .publisher import Publisher
+
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"notifyd publish: --data is not JSON: {exc}", file=sys.stderr)
+        return 2
+    url = args.amqp_url or _settings(args).amqp.url
+
+    async def main() -> str:
+        async with Publisher(url) as publisher:
+            return await publisher.publish(
+                data,
+                user=args.user,
+                topic=args.topic,
+                broadcast=args.broadcast,
+                event=args.event,
+                message_id=args.id,
+                ttl=args.ttl,
+                receipt=args.receipt,
+            )
+
+    try:
+        print(asyncio.run(main()))
+    except ValueError as exc:
+        print(f"notifyd publish: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"notifyd publish: cannot reach RabbitMQ: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    from .auth import mint_token
+    from .protocol import valid_name
+
+    secret = args.secret
+    algorithm = "HS256"
+    if secret is None:
+        auth = _settings(args).auth
+        secret, algorithm = auth.secret, auth.algorithms[0]
+    if not secret or not algorithm.startswith("HS"):
+        print("notifyd token: needs an HS* secret (--secret or [auth] secret)", file=sys.stderr)
+        return 2
+    if not valid_name(args.user):
+        print(f"notifyd token: invalid user id {args.user!r}", file=sys.stderr)
+        return 2
+    split = lambda text: [t for t in (text or "").split(",") if t]  # noqa: E731
+    extra = {"jti": args.jti} if args.jti else {}
+    print(mint_token(secret, args.user, args.ttl, split(args.topics), split(args.publish), algorithm, **extra))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .config import to_dict
+
+    settings = _settings(args)
+    print(json.dumps(to_dict(settings), indent=2, default=list))
+    print("config OK", file=sys.stderr)
+    return 0
+
+
+def _dev_broker(args: argparse.Namespace) -> int:
+    from .devbroker import main
+
+    argv = []
+    if args.dir:
+        argv += ["--dir", args.dir]
+    if args.port is not None:
+        argv += ["--port", str(args.port)]
+    return main(argv)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="notifyd", description=__doc__)
+    root.add_argument("--version", action="version", version=f"notifyd {__version__}")
+    root.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", help="TOML file (see config.example.toml)")
+        return p
+
+    serve = with_config(commands.add_parser("serve", help="run the gateway"))
+    serve.add_argument("--host", help="[server] host")
+    serve.add_argument("--port", type=int, help="[server] port")
+    serve.add_argument("--workers", type=int, help="[server] workers (processes sharing the port)")
+    serve.add_argument("--amqp-url", help="[amqp] url")
+    serve.add_argument("--demo", action="store_true", help="serve the demo page ([demo] enabled)")
+    serve.set_defaults(func=_serve)
+
+    publish = with_config(commands.add_parser("publish", help="publish one notification"))
+    target = publish.add_mutually_exclusive_group(required=True)
+    target.add_argument("--user", help="user id (routing key user.<id>)")
+    target.add_argument("--topic", help="topic name (routing key topic.<name>)")
+    target.add_argument("--broadcast", action="store_true", help="everyone")
+    publish.add_argument("--event", help="event name")
+    publish.add_argument("--data", required=True, help="JSON payload")
+    publish.add_argument("--id", help="message_id (default: generated, time-ordered)")
+    publish.add_argument("--ttl", type=float, help="seconds after which it is not delivered")
+    publish.add_argument("--receipt", action="store_true", help="ask for a delivery receipt")
+    publish.add_argument("--amqp-url", help="[amqp] url")
+    publish.set_defaults(func=_publish)
+
+    token = with_config(commands.add_parser("token", help="mint a development token (HS*)"))
+    token.add_argument("--user", required=True)
+    token.add_argument("--topics", help="comma-separated topics the token may read")
+    token.add_argument("--publish", help="comma-separated topics the token may publish to")
+    token.add_argument("--ttl", type=int, default=3600, help="seconds (default 3600)")
+    token.add_argument("--jti", help="token id (for revocation)")
+    token.add_argument("--secret", help="HS secret (default: [auth] secret)")
+    token.set_defaults(func=_token)
+
+    check = with_config(commands.add_parser("check-config", help="validate and print the settings"))
+    check.set_defaults(func=_check_config)
+
+    dev = commands.add_parser("dev-broker", help="run a private local RabbitMQ node for development")
+    dev.add_argument("--dir", help="data directory (default: a temporary one)")
+    dev.add_argument("--port", type=int, help="AMQP port (default 5672)")
+    dev.set_defaults(func=_dev_broker)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("aiormq").setLevel(logging.WARNING)
+    logging.getLogger("aio_pika").setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"notifyd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,336 @@
+"""Settings: one TOML file, overridden by ``NOTIFYD_<SECTION>_<KEY>`` and CLI flags.
+
+Every key has a default (see ``config.example.toml``); a bad value fails at start
+with a :class:`ConfigError` that names the key and where the value came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "NOTIFYD_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or has a bad value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Serve /metrics on this separate port too (0: only on the main port).
+    metrics_port: int = 0
+    #: Worker processes sharing the port with SO_REUSEPORT.
+    workers: int = 1
+    #: Sockets are closed with 1001 spread over this window on shutdown.
+    drain_seconds: float = 5.0
+    #: Hard limit for the whole shutdown, after which the process exits anyway.
+    shutdown_timeout: float = 25.0
+    #: Sockets one process accepts before answering 1013.
+    max_connections: int = 50_000
+
+
+@dataclass(frozen=True)
+class AmqpSettings:
+    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    #: Unacknowledged deliveries the consumer may hold.
+    prefetch: int = 2000
+    #: Seconds the replica queue outlives a lost connection (x-expires).
+    queue_expires: float = 60.0
+    reconnect_min: float = 0.5
+    reconnect_max: float = 15.0
+    #: Names this replica's queue; empty: ``<hostname>-<pid>``.
+    replica_id: str = ""
+    #: Largest AMQP body accepted; larger ones are dead-lettered.
+    max_body_size: int = 262_144
+    #: Seconds a message_id is remembered to drop duplicates.
+    dedupe_window: float = 120.0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    algorithms: tuple[str, ...] = ("HS256",)
+    secret: str = ""
+    #: PEM text or a path to a PEM file.
+    public_key: str = ""
+    jwks_url: str = ""
+    audience: str = ""
+    issuer: str = ""
+    leeway: float = 5.0
+    user_claim: str = "sub"
+    topics_claim: str = "topics"
+    publish_claim: str = "publish"
+    #: Accept ?token= on /ws. Off by default: URLs end up in logs.
+    query_token: bool = False
+    #: Seconds a socket may stay unauthenticated.
+    auth_timeout: float = 10.0
+    #: Seconds between JWKS refetches triggered by an unknown key id.
+    jwks_cooldown: float = 30.0
+    #: Seconds a fetched JWKS is trusted.
+    jwks_cache_ttl: float = 600.0
+
+
+@dataclass(frozen=True)
+class WsSettings:
+    #: Exact Origin values accepted; empty accepts any Origin.
+    allowed_origins: tuple[str, ...] = ()
+    max_message_size: int = 65_536
+    #: Seconds between server pings; a peer that misses a pong is dropped.
+    heartbeat: float = 25.0
+    max_connections_per_user: int = 20
+    #: Bytes queued for one socket before it is closed with 4009.
+    send_buffer_bytes: int = 1_048_576
+    #: Seconds before ``exp`` at which ``refresh_required`` is sent.
+    refresh_before: float = 30.0
+    #: Client messages per second per socket (token bucket) before 4029.
+    rate_limit: float = 20.0
+    rate_burst: int = 40
+    #: Seconds a user/topic binding is kept after its last socket left.
+    binding_grace: float = 5.0
+
+
+@dataclass(frozen=True)
+class HistorySettings:
+    #: "memory" (one process), "stream" (shared by replicas) or "off".
+    backend: str = "memory"
+    max_per_user: int = 100
+    #: Seconds a notification stays resumable.
+    max_age: float = 300.0
+    #: Total notifications kept in memory, across channels.
+    max_total: int = 200_000
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    #: Keys accepted by POST /api/publish as ``Authorization: Bearer <key>``.
+    service_keys: tuple[str, ...] = ()
+    max_body_size: int = 262_144
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    #: Serve /demo and the dev-only /demo/token and /demo/publish. Never in production.
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = field(default_factory=ServerSettings)
+    amqp: AmqpSettings = field(default_factory=AmqpSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    ws: WsSettings = field(default_factory=WsSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    demo: DemoSettings = field(default_factory=DemoSettings)
+
+    def replace(self, section: str, **values: Any) -> Settings:
+        """A copy with some keys of one section changed (validated again)."""
+        raw = to_dict(self)
+        _merge(raw, {section: values}, "override")
+        return _build(raw)
+
+
+def _section_class(name: str) -> type[Any]:
+    cls: type[Any] = typing.get_type_hints(Settings)[name]
+    return cls
+
+
+SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
+_HINTS: dict[str, dict[str, Any]] = {
+    name: typing.get_type_hints(_section_class(name)) for name in SECTIONS
+}
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+    """Turn a TOML or environment value into the type the key declares."""
+
+    def fail(expected: str) -> ConfigError:
+        return ConfigError(f"{key}: expected {expected}, got {value!r} (from {source})")
+
+    from_env = isinstance(value, str) and source.startswith(ENV_PREFIX)
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and value.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if from_env and value.lower() in {"0", "false", "no", "off", ""}:
+            return False
+        raise fail("true or false")
+    if hint is int or hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if hint is int and not isinstance(value, int):
+                raise fail("an integer")
+            return hint(value)
+        if from_env:
+            try:
+                return hint(value)
+            except ValueError:
+                raise fail("an integer" if hint is int else "a number") from None
+        raise fail("an integer" if hint is int else "a number")
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        raise fail("a string")
+    if typing.get_origin(hint) is tuple:
+        if from_env:
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError:
+                    raise fail("a JSON list or comma-separated strings") from None
+            else:
+                value = [part.strip() for part in text.split(",") if part.strip()]
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise fail("a list of strings")
+    raise AssertionError(f"unsupported type for {key}: {hint}")  # pragma: no cover
+
+
+def _merge(
+    raw: dict[str, dict[str, Any]], values: Mapping[str, Any], source: str
+) -> None:
+    """Check one source's ``{section: {key: value}}`` and lay it over ``raw``."""
+    for section, keys in values.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"[{section}]: unknown section (from {source})")
+        if not isinstance(keys, Mapping):
+            raise ConfigError(f"[{section}]: expected a table (from {source})")
+        hints = _HINTS[section]
+        for key, value in keys.items():
+            if key not in hints:
+                raise ConfigError(f"[{section}] {key}: unknown key (from {source})")
+            origin = f"{ENV_PREFIX}{section}_{key}".upper() if source == "env" else source
+            raw[section][key] = _coerce(f"[{section}] {key}", value, hints[key], origin)
+
+
+def _build(raw: Mapping[str, Mapping[str, Any]]) -> Settings:
+    settings = Settings(**{name: _section_class(name)(**raw[name]) for name in SECTIONS})
+    validate(settings)
+    return settings
+
+
+def from_mapping(values: Mapping[str, Any], source: str = "config") -> Settings:
+    """Validated settings from ``{section: {key: value}}`` laid over the defaults."""
+    raw = to_dict(Settings())
+    _merge(raw, values, source)
+    return _build(raw)
+
+
+def to_dict(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {name: dataclasses.asdict(getattr(settings, name)) for name in SECTIONS}
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """Collect ``NOTIFYD_<SECTION>_<KEY>`` variables; unknown ones are an error."""
+    found: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        if section not in SECTIONS or key not in _HINTS[section]:
+            raise ConfigError(f"{name}: no such setting (expected NOTIFYD_<SECTION>_<KEY>)")
+        found.setdefault(section, {})[key] = value
+    return found
+
+
+def load(
+    path: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Settings:
+    """Defaults, then the TOML file, then the environment, then CLI overrides."""
+    raw = to_dict(Settings())
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                _merge(raw, tomllib.load(fh), str(path))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    _merge(raw, env_overrides(os.environ if environ is None else environ), "env")
+    if overrides:
+        _merge(raw, overrides, "command line")
+    return _build(raw)
+
+
+_ALGORITHMS = {
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+    "ES256", "ES384", "ES512", "EdDSA",
+}  # fmt: skip
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(settings: Settings) -> None:
+    """Cross-key checks; each message names the key at fault."""
+    s = settings
+    _check(0 < s.server.port < 65536, "[server] port: must be 1..65535")
+    _check(0 <= s.server.metrics_port < 65536, "[server] metrics_port: must be 0..65535")
+    _check(s.server.workers >= 1, "[server] workers: must be at least 1")
+    _check(s.server.drain_seconds >= 0, "[server] drain_seconds: must be >= 0")
+    _check(
+        s.server.shutdown_timeout > s.server.drain_seconds,
+        "[server] shutdown_timeout: must be larger than drain_seconds",
+    )
+    _check(s.server.max_connections >= 1, "[server] max_connections: must be at least 1")
+    _check(s.amqp.url.startswith(("amqp://", "amqps://")), "[amqp] url: must be amqp:// or amqps://")
+    _check(s.amqp.prefetch >= 1, "[amqp] prefetch: must be at least 1")
+    _check(s.amqp.queue_expires >= 1, "[amqp] queue_expires: must be at least 1 second")
+    _check(0 < s.amqp.reconnect_min <= s.amqp.reconnect_max, "[amqp] reconnect_min: must be in (0, reconnect_max]")
+    _check(s.amqp.max_body_size >= 64, "[amqp] max_body_size: must be at least 64")
+    _check(s.amqp.dedupe_window >= 0, "[amqp] dedupe_window: must be >= 0")
+    _check(len(s.auth.algorithms) > 0, "[auth] algorithms: must name at least one algorithm")
+    for alg in s.auth.algorithms:
+        _check(alg in _ALGORITHMS, f"[auth] algorithms: unsupported algorithm {alg!r}")
+    symmetric = any(a.startswith("HS") for a in s.auth.algorithms)
+    asymmetric = any(not a.startswith("HS") for a in s.auth.algorithms)
+    _check(
+        not (symmetric and asymmetric),
+        "[auth] algorithms: do not mix HS* with RS*/ES*/PS*/EdDSA (key confusion)",
+    )
+    if symmetric:
+        _check(bool(s.auth.secret), "[auth] secret: required for HS* algorithms (NOTIFYD_AUTH_SECRET)")
+    if asymmetric:
+        _check(
+            bool(s.auth.public_key) != bool(s.auth.jwks_url),
+            "[auth] public_key: set exactly one of public_key or jwks_url for asymmetric algorithms",
+        )
+    if s.auth.jwks_url:
+        _check(s.auth.jwks_url.startswith(("https://", "http://")), "[auth] jwks_url: must be an http(s) URL")
+    _check(s.auth.leeway >= 0, "[auth] leeway: must be >= 0")
+    _check(s.auth.auth_timeout > 0, "[auth] auth_timeout: must be > 0")
+    _check(bool(s.auth.user_claim), "[auth] user_claim: must not be empty")
+    _check(s.ws.max_message_size >= 256, "[ws] max_message_size: must be at least 256")
+    _check(s.ws.heartbeat >= 0, "[ws] heartbeat: must be >= 0")
+    _check(s.ws.max_connections_per_user >= 1, "[ws] max_connections_per_user: must be at least 1")
+    _check(s.ws.send_buffer_bytes >= 1024, "[ws] send_buffer_bytes: must be at least 1024")
+    _check(s.ws.rate_limit > 0, "[ws] rate_limit: must be > 0")
+    _check(s.ws.rate_burst >= 1, "[ws] rate_burst: must be at least 1")
+    _check(s.ws.binding_grace >= 0, "[ws] binding_grace: must be >= 0")
+    _check(s.ws.refresh_before >= 0, "[ws] refresh_before: must be >= 0")
+    for origin in s.ws.allowed_origins:
+        _check("://" in origin, f"[ws] allowed_origins: {origin!r} is not an origin like https://app.example")
+    _check(
+        s.history.backend in {"memory", "stream", "off"},
+        "[history] backend: must be 'memory', 'stream' or 'off'",
+    )
+    _check(s.history.max_per_user >= 1, "[history] max_per_user: must be at least 1")
+    _check(s.history.max_age > 0, "[history] max_age: must be > 0")
+    _check(s.history.max_total >= s.history.max_per_user, "[history] max_total: must be >= max_per_user")
+    for key in s.api.service_keys:
+        _check(len(key) >= 8, "[api] service_keys: each key must be at least 8 characters")
+

@@ -1,0 +1,568 @@
+"""One WebSocket from upgrade to close: authentication, its session, client messages.
+
+A :class:`Session` is what the hub writes to. Frames are written straight to the
+socket's transport (never awaited); the transport's buffer is the socket's
+bounded send buffer, and a socket whose buffer would pass ``send_buffer_bytes``
+is closed with 4009. Everything a client sends is parsed by :mod:`notifyd.protocol`
+and answered here; nothing a client sends can reach another user's channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from aiohttp import WSMsgType, web
+
+from . import metrics
+from .auth import AuthError, Identity, TokenVerifier
+from .config import Settings
+from .hub import Hub
+from .protocol import (
+    Ack,
+    Auth,
+    Channel,
+    CloseCode,
+    Notification,
+    Ping,
+    ProtocolError,
+    Publish,
+    Refresh,
+    Resume,
+    Send,
+    Subscribe,
+    Unsubscribe,
+    answer,
+    error,
+    parse_client_message,
+    text_frame,
+    welcome,
+)
+
+log = logging.getLogger(__name__)
+
+_SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ cannot take a message right now (disconnected, or no confirm)."""
+
+
+class Upstream(Protocol):
+    """Publishing on a client's behalf (implemented by :class:`notifyd.broker.Broker`)."""
+
+    async def publish(
+        self, channel: Channel, event: str | None, data: Any, sender: str | None = None
+    ) -> str:
+        """Publish a notification through RabbitMQ; returns its id."""
+
+    async def send_upstream(
+        self, user: str, session: str, event: str, data: Any
+    ) -> None:
+        """Publish a client message to ``notifyd.upstream``."""
+
+
+#: Replays everything after ``since`` on ``channels`` (oldest first) or None.
+Replayer = Callable[[str, list[Channel], int | None], Awaitable[list[Notification] | None]]
+
+
+class TokenBucket:
+    """Allows ``rate`` events per second with bursts of ``burst``."""
+
+    __slots__ = ("_stamp", "_tokens", "burst", "rate")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp = time.monotonic()
+
+    def take(self, now: float | None = None) -> bool:
+        now = time.monotonic() if now is None else now
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+
+class Session:
+    """One authenticated socket, as the hub sees it."""
+
+    __slots__ = (
+        "_close_task",
+        "_held",
+        "_held_bytes",
+        "_timers",
+        "closing",
+        "deadline",
+        "first_live_seq",
+        "id",
+        "identity",
+        "limit",
+        "topics",
+        "transport",
+        "user",
+        "ws",
+    )
+
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: Any, identity: Identity, limit: int, leeway: float
+    ) -> None:
+        self.ws = ws
+        self.transport = transport
+        self.identity = identity
+        self.user = identity.user
+        self.deadline = identity.expires_at + leeway
+        self.id = secrets.token_urlsafe(12)
+        self.topics: set[str] = set()
+        self.limit = limit
+        self.closing = False
+        self.first_live_seq: int | None = None
+        self._held: list[tuple[bytes, int]] | None = None
+        self._held_bytes = 0
+        self._timers: list[asyncio.TimerHandle] = []
+        self._close_task: asyncio.Task[None] | None = None
+
+    def write(self, frame: bytes, seq: int = 0) -> bool:
+        if self.closing:
+            return False
+        if self._held is not None:
+            # Resuming from a shared history: live traffic waits behind the replay.
+            self._held_bytes += len(frame)
+            if self._held_bytes > self.limit:
+                self._overflow()
+                return False
+            self._held.append((frame, seq))
+            return True
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() + len(frame) > self.limit:
+            self._overflow()
+            return False
+        transport.write(frame)
+        if seq and self.first_live_seq is None:
+            self.first_live_seq = seq
+        return True
+
+    def send(self, payload: bytes) -> None:
+        """A control answer (welcome, pong, error, ...), in order with notifications."""
+        self.write(text_frame(payload))
+
+    def hold(self) -> None:
+        """Keep live frames back (bounded by the send buffer) while a replay is read."""
+        self._held = []
+        self._held_bytes = 0
+
+    def release(self, first: bytes, replay: list[Notification]) -> None:
+        """Write ``first`` (the answer), the replay, then held frames not replayed."""
+        held, self._held = self._held or [], None
+        self.send(first)
+        for notification in replay:
+            self.write(notification.frame)
+        replayed = {n.id for n in replay} if replay and held else set()
+        for frame, seq in held:
+            if replayed and _frame_id(frame) in replayed:
+                continue
+            self.write(frame, seq)
+
+    def _overflow(self) -> None:
+        _SLOW.inc()
+        metrics.SLOW_CONSUMER_DISCONNECTS.inc()
+        log.info("closing slow consumer user=%s session=%s (send buffer full)", self.user, self.id)
+        self.close_soon(CloseCode.SLOW_CONSUMER, "send buffer overflow", grace=2.0)
+
+    def close_soon(self, code: int, reason: str, grace: float = 5.0) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self._held = None
+        self.cancel_timers()
+        self._close_task = asyncio.get_running_loop().create_task(
+            close_socket(self.ws, self.transport, code, reason, grace)
+        )
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        self._timers.append(asyncio.get_running_loop().call_later(max(0.0, delay), callback))
+
+    def cancel_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+
+def _frame_id(frame: bytes) -> str | None:
+    """The notification id inside a pre-built frame (only used at a resume seam)."""
+    start = frame.find(b'"id":"')
+    if start < 0:
+        return None
+    start += 6
+    end = frame.find(b'"', start)
+    return frame[start:end].decode() if end > start else None
+
+
+async def close_socket(
+    ws: web.WebSocketResponse, transport: Any, code: int, reason: str, grace: float
+) -> None:
+    """Close with ``code``; a peer that does not answer within ``grace`` is cut off.
+
+    Aborting (not closing) the transport matters for a peer that stopped reading:
+    a plain close would keep its unsent buffer, and the socket, forever.
+    """
+    metrics.CLOSES.labels(str(code)).inc()
+    try:
+        await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), grace)
+    except (TimeoutError, ConnectionError, RuntimeError):
+        pass
+    finally:
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+        elif transport is not None and transport.get_write_buffer_size():
+            transport.abort()
+
+
+class SocketServer:
+    """The ``/ws`` endpoint: turns requests into sessions and serves their messages."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        hub: Hub,
+        verifier: TokenVerifier,
+        upstream: Upstream,
+        replay: Replayer | None,
+        routable: Callable[[list[str]], Awaitable[None]] | None = None,
+    ) -> None:
+        self.settings = settings
+        #: Waits until RabbitMQ routes these keys to this replica.
+        self.routable = routable
+        self.hub = hub
+        self.verifier = verifier
+        self.upstream = upstream
+        self.replay = replay
+        self.draining = False
+        self.open_sockets = 0
+        self.on_ack: Callable[[Session, str], None] | None = None
+
+    # --- upgrade and authentication ------------------------------------------------
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ws_settings = self.settings.ws
+        origin = request.headers.get("Origin")
+        if ws_settings.allowed_origins and origin not in ws_settings.allowed_origins:
+            metrics.CONNECTION_ATTEMPTS.labels("origin").inc()
+            log.info("refused origin %r", origin)
+            raise web.HTTPForbidden(text="origin not allowed\n")
+        if self.draining:
+            metrics.CONNECTION_ATTEMPTS.labels("overloaded").inc()
+            raise web.HTTPServiceUnavailable(text="draining\n", headers={"Retry-After": "1"})
+        ws = web.WebSocketResponse(
+            protocols=("notifyd.v1",),
+            heartbeat=ws_settings.heartbeat or None,
+            max_msg_size=ws_settings.max_message_size,
+            compress=False,  # one frame is shared by every socket: no per-socket deflate
+            timeout=5.0,
+        )
+        await ws.prepare(request)
+        self.open_sockets += 1
+        try:
+            await self._serve(ws, request)
+        finally:
+            self.open_sockets -= 1
+        return ws
+
+    async def _refuse(
+        self, ws: web.WebSocketResponse, request: web.Request, code: int, reason: str, outcome: str
+    ) -> None:
+        metrics.CONNECTION_ATTEMPTS.labels(outcome).inc()
+        await close_socket(ws, request.transport, code, reason, grace=2.0)
+
+    async def _authenticate(
+        self, ws: web.WebSocketResponse, request: web.Request
+    ) -> tuple[Identity, str | None] | None:
+        """The socket's identity and resume point, or None after closing it."""
+        auth_settings = self.settings.auth
+        token: str | None = None
+        since: str | None = None
+        header = request.headers.get("Authorization", "")
+        if header:
+            scheme, _, value = header.partition(" ")
+            if scheme.lower() != "bearer" or not value.strip():
+                return await self._auth_failed(ws, request, AuthError("malformed", "bad Authorization header"))
+            token = value.strip()
+            since = request.query.get("since") or None
+        elif "token" in request.query:
+            if not auth_settings.query_token:
+                return await self._auth_failed(
+                    ws, request, AuthError("malformed", "?token= is disabled; use the auth message")
+                )
+            token = request.query["token"]
+            since = request.query.get("since") or None
+        else:
+            try:
+                msg = await ws.receive(timeout=auth_settings.auth_timeout)
+            except TimeoutError:
+                metrics.AUTH_FAILURES.labels("timeout").inc()
+                await self._refuse(ws, request, CloseCode.AUTH_TIMEOUT, "auth timeout", "timeout")
+                return None
+            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+                return None
+            try:
+                if msg.type is not WSMsgType.TEXT:
+                    raise ProtocolError("bad_message", "first message must be a text auth message")
+                first = parse_client_message(msg.data)
+            except ProtocolError as exc:
+                return await self._auth_failed(ws, request, AuthError("missing", exc.message))
+            if not isinstance(first, Auth):
+                return await self._auth_failed(
+                    ws, request, AuthError("missing", "first message must be {type: auth}")
+                )
+            token, since = first.token, first.since
+        try:
+            identity = await self.verifier.verify(token)
+        except AuthError as exc:
+            return await self._auth_failed(ws, request, exc)
+        return identity, since
+
+    async def _auth_failed(
+        self, ws: web.WebSocketResponse, request: web.Request, exc: AuthError
+    ) -> None:
+        metrics.AUTH_FAILURES.labels(exc.reason).inc()
+        log.info("auth failed from %s: %s", request.remote, exc)
+        if exc.reason == "expired":
+            await self._refuse(ws, request, CloseCode.TOKEN_EXPIRED, "token expired", "expired")
+        else:
+            await self._refuse(ws, request, CloseCode.UNAUTHORIZED, str(exc)[:100], "unauthorized")
+        return None
+
+    # --- the session ------------------------------------------------------------------
+
+    async def _serve(self, ws: web.WebSocketResponse, request: web.Request) -> None:
+        settings = self.settings
+        if self.open_sockets > settings.server.max_connections:
+            await self._refuse(ws, request, CloseCode.TRY_AGAIN_LATER, "server full", "overloaded")
+            return
+        result = await self._authenticate(ws, request)
+        if result is None:
+            return
+        identity, since = result
+        if self.hub.connections_of(identity.user) >= settings.ws.max_connections_per_user:
+            await self._refuse(ws, request, CloseCode.FORBIDDEN, "too many connections", "forbidden")
+            return
+        if self.draining or ws.closed:
+            await self._refuse(ws, request, CloseCode.GOING_AWAY, "server going away", "overloaded")
+            return
+        session = Session(
+            ws, request.transport, identity, settings.ws.send_buffer_bytes, settings.auth.leeway
+        )
+        session.topics.update(identity.topics.exact)
+        metrics.CONNECTION_ATTEMPTS.labels("accepted").inc()
+        try:
+            await self._start(session, since)
+            self._schedule_expiry(session)
+            await self._read_loop(session)
+        except Exception:
+            log.exception("session %s of %s failed", session.id, session.user)
+            session.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            self.hub.remove(session)
+            session.cancel_timers()
+            if session._close_task is not None:
+                await asyncio.shield(session._close_task)
+
+    async def _start(self, session: Session, since: str | None) -> None:
+        """Join the hub and say welcome, replaying what was missed when asked to."""
+        expires_at = int(session.identity.expires_at)
+        heartbeat = self.settings.ws.heartbeat
+        # Join first and hold live frames, so nothing falls between replay and live;
+        # welcome only once RabbitMQ routes the user here, so that whatever is
+        # published after the client saw welcome reaches it.
+        session.hold()
+        self.hub.add(session)
+        if self.routable is not None:
+            await self.routable([f"{c.kind}.{c.name}" for c in self.hub.channels_of(session) if c.name])
+        if since is None:
+            session.release(welcome(session.user, session.id, expires_at, heartbeat, None), [])
+            return
+        missed = await self._replay(session, since, None)
+        session.release(
+            welcome(session.user, session.id, expires_at, heartbeat, missed is not None),
+            missed or [],
+        )
+
+    async def _replay(
+        self, session: Session, since: str, before_seq: int | None
+    ) -> list[Notification] | None:
+        if self.replay is None:
+            metrics.RESUMES.labels("unavailable").inc()
+            return None
+        missed = await self.replay(since, self.hub.channels_of(session), before_seq)
+        metrics.RESUMES.labels("resumed" if missed is not None else "gap_too_old").inc()
+        return missed
+
+    def _schedule_expiry(self, session: Session) -> None:
+        now = time.time()
+        expires_at = session.identity.expires_at
+        refresh_at = expires_at - self.settings.ws.refresh_before
+        if refresh_at > now:
+            session.schedule(
+                refresh_at - now,
+                lambda: session.send(answer("refresh_required", expires_at=int(expires_at))),
+            )
+        else:
+            session.send(answer("refresh_required", expires_at=int(expires_at)))
+        session.schedule(
+            session.deadline - now,
+            lambda: session.close_soon(CloseCode.TOKEN_EXPIRED, "token expired"),
+        )
+
+    async def _read_loop(self, session: Session) -> None:
+        ws = session.ws
+        bucket = TokenBucket(self.settings.ws.rate_limit, self.settings.ws.rate_burst)
+        async for msg in ws:
+            if session.closing:
+                continue
+            if msg.type is WSMsgType.BINARY:
+                session.send(error("bad_message", "binary frames are not supported"))
+                continue
+            if msg.type is not WSMsgType.TEXT:
+                continue
+            if not bucket.take():
+                log.info("rate limit: closing user=%s session=%s", session.user, session.id)
+                metrics.UPSTREAM_MESSAGES.labels("any", "rate_limited").inc()
+                session.close_soon(CloseCode.RATE_LIMITED, "too many messages")
+                continue
+            try:
+                message = parse_client_message(msg.data)
+            except ProtocolError as exc:
+                session.send(error(exc.code, exc.message, exc.ref))
+                continue
+            try:
+                await self._handle(session, message)
+            except ProtocolError as exc:
+                session.send(error(exc.code, exc.message, message.ref))
+        if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
+            metrics.CLOSES.labels(str(CloseCode.MESSAGE_TOO_BIG)).inc()
+
+    # --- client messages ---------------------------------------------------------------
+
+    async def _handle(self, session: Session, message: Any) -> None:
+        hub = self.hub
+        match message:
+            case Ping(ref=ref):
+                session.send(answer("pong", ref))
+            case Ack(id=notification_id):
+                metrics.ACKS.inc()
+                if self.on_ack is not None:
+                    self.on_ack(session, notification_id)
+            case Subscribe(channel=channel, ref=ref):
+                await self._subscribe(session, channel, ref)
+            case Unsubscribe(channel=channel):
+                if channel.kind != "topic" or channel.name not in session.topics:
+                    raise ProtocolError("not_subscribed", f"not subscribed to {channel}")
+                hub.unsubscribe(session, channel.name)
+                session.send(answer("unsubscribed", message.ref, channel=str(channel)))
+            case Refresh(token=token):
+                await self._refresh(session, token)
+            case Resume(since=since):
+                await self._resume(session, since)
+            case Publish():
+                await self._publish(session, message)
+            case Send():
+                await self._send(session, message)
+            case Auth():
+                raise ProtocolError("already_authenticated", "this socket is authenticated")
+
+    async def _subscribe(self, session: Session, channel: Channel, ref: Any) -> None:
+        if channel.kind != "topic":
+            raise ProtocolError(
+                "invalid_channel", "only topic:<name> can be subscribed; user and broadcast are implicit"
+            )
+        if not session.identity.topics.allows(channel.name):
+            raise ProtocolError("forbidden", f"token does not allow {channel}")
+        self.hub.subscribe(session, channel.name)
+        if self.routable is not None:
+            await self.routable([channel.routing_key])
+        session.send(answer("subscribed", ref, channel=str(channel)))
+
+    async def _refresh(self, session: Session, token: str) -> None:
+        try:
+            identity = await self.verifier.verify(token)
+        except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+            raise ProtocolError("invalid_token", f"refresh refused: {exc}") from None
+        if identity.user != session.user:
+            log.warning("refresh for another user on session %s: closing", session.id)
+            session.close_soon(CloseCode.FORBIDDEN, "refresh token is for another user")
+            return
+        session.identity = identity
+        session.deadline = identity.expires_at + self.settings.auth.leeway
+        # Topics the new token no longer allows are left; new exact grants are joined.
+        for topic in list(session.topics):
+            if not identity.topics.allows(topic):
+                self.hub.unsubscribe(session, topic)
+        for topic in identity.topics.exact:
+            self.hub.subscribe(session, topic)
+        session.cancel_timers()
+        self._schedule_expiry(session)
+        session.send(answer("refreshed", expires_at=int(identity.expires_at)))
+
+    async def _resume(self, session: Session, since: str) -> None:
+        # What arrived live since this socket joined is not replayed again.
+        before = session.first_live_seq
+        session.hold()
+        missed = await self._replay(session, since, before if before is not None else self.hub.last_seq + 1)
+        count = len(missed or ())
+        session.release(answer("resumed", resumed=missed is not None, count=count), missed or [])
+
+    async def _publish(self, session: Session, message: Publish) -> None:
+        counter = metrics.UPSTREAM_MESSAGES
+        if not session.identity.publish.allows(message.channel.name):
+            counter.labels("publish", "forbidden").inc()
+            raise ProtocolError("forbidden", f"token does not allow publishing to {message.channel}", message.ref)
+        try:
+            notification_id = await self.upstream.publish(
+                message.channel, message.event, message.data, sender=session.user
+            )
+        except BrokerUnavailable:
+            counter.labels("publish", "broker_down").inc()
+            raise ProtocolError("broker_unavailable", "cannot publish right now; retry", message.ref) from None
+        counter.labels("publish", "accepted").inc()
+        session.send(answer("published", message.ref, id=notification_id, channel=str(message.channel)))
+
+    async def _send(self, session: Session, message: Send) -> None:
+        counter = metrics.UPSTREAM_MESSAGES
+        try:
+            await self.upstream.send_upstream(session.user, session.id, message.event, message.data)
+        except BrokerUnavailable:
+            counter.labels("send", "broker_down").inc()
+            raise ProtocolError("broker_unavailable", "cannot send right now; retry", message.ref) from None
+        counter.labels("send", "accepted").inc()
+        session.send(answer("sent", message.ref))
+
+    # --- shutdown ---------------------------------------------------------------------
+
+    async def drain(self, window: float) -> None:
+        """Close every socket with 1001, spread evenly over ``window`` seconds."""
+        self.draining = True
+        sessions = list(self.hub)
+        if not sessions:
+            return
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        step = window / len(sessions)
+        log.info("draining %d sockets over %.1fs", len(sessions), window)
+        for index, session in enumerate(sessions):
+            delay = start + index * step - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            session.close_soon(CloseCode.GOING_AWAY, "server going away", grace=2.0)
+        tasks = [s._close_task for s in sessions if s._close_task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=3.0)

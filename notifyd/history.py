@@ -1,0 +1,136 @@
+"""What was sent recently, so that a reconnecting client can resume without loss.
+
+:class:`MemoryHistory` keeps per-channel windows in one process, bounded by count
+per channel, by age and by a total. It answers "everything on these channels
+after notification X" exactly, or says that it cannot (the gap is too old, or X
+was never seen here), so a client is never given a silent partial replay.
+
+:class:`RecentIds` remembers message ids for a while so that a message published
+twice with the same ``message_id`` is delivered once.
+
+The replicated variant, read from a RabbitMQ stream, lives in :mod:`notifyd.stream`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .protocol import Channel, Notification
+
+
+@dataclass(slots=True)
+class _Window:
+    entries: deque[tuple[int, Notification]] = field(default_factory=deque)
+    #: Highest sequence number evicted from this channel: a resume point older
+    #: than this would miss something, so it is refused.
+    evicted_upto: int = 0
+
+
+class MemoryHistory:
+    """Per-channel notification windows for one process."""
+
+    def __init__(self, max_per_channel: int, max_age: float, max_total: int) -> None:
+        self.max_per_channel = max_per_channel
+        self.max_age = max_age
+        self.max_total = max_total
+        self._windows: dict[Channel, _Window] = {}
+        #: Every retained entry in arrival order, for age and total eviction.
+        self._order: deque[tuple[int, float, Channel]] = deque()
+        #: id -> sequence number of retained notifications.
+        self._index: dict[str, int] = {}
+        self._seq = 0
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def record(self, notification: Notification, now: float) -> int:
+        """Retain a notification; returns its sequence number."""
+        self._seq += 1
+        seq = self._seq
+        window = self._windows.get(notification.channel)
+        if window is None:
+            window = self._windows[notification.channel] = _Window()
+        window.entries.append((seq, notification))
+        if len(window.entries) > self.max_per_channel:
+            self._evict_from(window)
+        self._order.append((seq, now, notification.channel))
+        self._index[notification.id] = seq
+        self.expire(now)
+        return seq
+
+    def _evict_from(self, window: _Window) -> None:
+        old_seq, old = window.entries.popleft()
+        window.evicted_upto = old_seq
+        if self._index.get(old.id) == old_seq:
+            del self._index[old.id]
+
+    def expire(self, now: float) -> None:
+        """Drop entries past ``max_age`` and beyond ``max_total``."""
+        cutoff = now - self.max_age
+        order = self._order
+        while order and (order[0][1] < cutoff or len(order) > self.max_total):
+            seq, _, channel = order.popleft()
+            window = self._windows[channel]
+            if window.entries and window.entries[0][0] == seq:
+                self._evict_from(window)
+            if not window.entries:
+                # Age and total eviction go in sequence order, so everything this
+                # window held is older than any id still in the index.
+                del self._windows[channel]
+
+    def replay(
+        self, since: str, channels: Iterable[Channel], before_seq: int | None = None
+    ) -> list[Notification] | None:
+        """Notifications on ``channels`` after ``since``, oldest first.
+
+        None when the window does not cover the gap: ``since`` is unknown here, or
+        something after it was already evicted from one of the channels.
+        ``before_seq`` leaves out what the session has already received live.
+        """
+        start = self._index.get(since)
+        if start is None:
+            return None
+        found: list[tuple[int, Notification]] = []
+        for channel in channels:
+            window = self._windows.get(channel)
+            if window is None:
+                continue
+            if window.evicted_upto > start:
+                return None
+            for seq, notification in reversed(window.entries):
+                if seq <= start:
+                    break
+                if before_seq is None or seq < before_seq:
+                    found.append((seq, notification))
+        found.sort(key=lambda pair: pair[0])
+        return [notification for _, notification in found]
+
+
+class RecentIds:
+    """Message ids seen in the last ``window`` seconds (at most ``limit`` of them)."""
+
+    def __init__(self, window: float, limit: int = 100_000) -> None:
+        self.window = window
+        self.limit = limit
+        self._seen: OrderedDict[str, float] = OrderedDict()
+
+    def seen(self, message_id: str, now: float) -> bool:
+        """True if ``message_id`` was seen within the window; remembers it otherwise."""
+        seen = self._seen
+        cutoff = now - self.window
+        while seen:
+            oldest_id, at = next(iter(seen.items()))
+            if at >= cutoff and len(seen) < self.limit:
+                break
+            del seen[oldest_id]
+        if message_id in seen:
+            return True
+        if self.window > 0:
+            seen[message_id] = now
+        return False

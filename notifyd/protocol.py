@@ -1,0 +1,538 @@
+"""The wire protocol, with no I/O: client messages in, server frames out.
+
+Everything here is pure: parsing and validating what a client sends, naming
+channels and their AMQP routing keys, building the JSON a client receives, and
+encoding a WebSocket text frame once so that it can be written to many sockets.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+try:  # orjson is an optional speed-up; the stdlib gives the same bytes for our payloads.
+    import orjson
+
+    def dumps(obj: Any) -> bytes:
+        return orjson.dumps(obj)  # type: ignore[no-any-return]
+
+    def loads(data: str | bytes) -> Any:
+        return orjson.loads(data)
+
+    JSONDecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
+except ImportError:  # pragma: no cover - exercised only without the extra
+
+    def dumps(obj: Any) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def loads(data: str | bytes) -> Any:
+        return json.loads(data)
+
+    JSONDecodeError = (json.JSONDecodeError, UnicodeDecodeError)
+
+
+SUBPROTOCOL: Final = "notifyd.v1"
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes; clients decide whether to reconnect from these."""
+
+    GOING_AWAY = 1001  # drain or shutdown: reconnect (elsewhere)
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # overloaded / connection limit
+    PROTOCOL_ERROR = 4000
+    UNAUTHORIZED = 4001  # missing or invalid token
+    FORBIDDEN = 4003  # e.g. per-user connection limit, refresh for another user
+    AUTH_TIMEOUT = 4008
+    SLOW_CONSUMER = 4009  # bounded send buffer overflowed
+    TOKEN_EXPIRED = 4010
+    RATE_LIMITED = 4029
+
+
+class ProtocolError(Exception):
+    """A client message that is answered with an ``error`` (or closes the socket)."""
+
+    def __init__(self, code: str, message: str, ref: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+
+# --- identifiers and channels ------------------------------------------------------
+
+#: User ids and topic names: dot-separated words of a safe ASCII set. No ``*``, ``#``
+#: or whitespace, so that a value can never widen an AMQP topic binding.
+_NAME = re.compile(r"[A-Za-z0-9_@:+=~-]+(?:\.[A-Za-z0-9_@:+=~-]+)*")
+MAX_NAME_LENGTH: Final = 128
+
+
+def valid_name(value: object) -> bool:
+    """Whether ``value`` may be a user id or topic name (and so part of a routing key)."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_NAME_LENGTH
+        and _NAME.fullmatch(value) is not None
+    )
+
+
+ChannelKind = Literal["user", "topic", "broadcast"]
+
+
+@dataclass(frozen=True, slots=True)
+class Channel:
+    """``user:<id>``, ``topic:<name>`` or ``broadcast``."""
+
+    kind: ChannelKind
+    name: str = ""
+
+    def __str__(self) -> str:
+        return "broadcast" if self.kind == "broadcast" else f"{self.kind}:{self.name}"
+
+    @property
+    def routing_key(self) -> str:
+        return "broadcast" if self.kind == "broadcast" else f"{self.kind}.{self.name}"
+
+
+BROADCAST: Final = Channel("broadcast")
+
+
+def parse_channel(text: object) -> Channel:
+    """Parse a client-facing channel name; raises ProtocolError when invalid."""
+    if text == "broadcast":
+        return BROADCAST
+    if isinstance(text, str):
+        kind, sep, name = text.partition(":")
+        if sep and kind in ("user", "topic") and valid_name(name):
+            return Channel(kind, name)  # type: ignore[arg-type]
+    raise ProtocolError("invalid_channel", "channel must be user:<id>, topic:<name> or broadcast")
+
+
+def channel_for_routing_key(key: str) -> Channel | None:
+    """The channel an AMQP routing key addresses, or None for a key we do not route."""
+    if key == "broadcast":
+        return BROADCAST
+    kind, sep, name = key.partition(".")
+    if sep and kind in ("user", "topic") and valid_name(name):
+        return Channel(kind, name)  # type: ignore[arg-type]
+    return None
+
+
+# --- notification ids -----------------------------------------------------------------
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+class IdGenerator:
+    """ULID-style ids: 48-bit milliseconds + 80 random bits, monotonic in-process.
+
+    Ids sort by creation time, so generated ids are time-ordered across replicas
+    (to the millisecond) and strictly increasing within one process.
+    """
+
+    def __init__(self) -> None:
+        self._last_ms = -1
+        self._last_rand = 0
+
+    def new(self, now_ms: int | None = None) -> str:
+        ms = int(time.time() * 1000) if now_ms is None else now_ms
+        if ms <= self._last_ms:
+            ms = self._last_ms
+            rand = self._last_rand + 1
+        else:
+            rand = int.from_bytes(os.urandom(10), "big") >> 1  # leave room to increment
+        self._last_ms, self._last_rand = ms, rand
+        value = (ms << 80) | (rand & ((1 << 80) - 1))
+        chars = []
+        for _ in range(26):
+            chars.append(_CROCKFORD[value & 31])
+            value >>= 5
+        return "".join(reversed(chars))
+
+
+def id_timestamp_ms(notification_id: str) -> int | None:
+    """Milliseconds encoded in a generated id, or None if it is not one of ours."""
+    if len(notification_id) != 26:
+        return None
+    value = 0
+    for char in notification_id[:10]:
+        digit = _CROCKFORD.find(char)
+        if digit < 0:
+            return None
+        value = value * 32 + digit
+    return value >> 2  # 10 chars = 50 bits; the top 48 are the milliseconds
+
+
+# --- client -> server -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    token: str
+    since: str | None = None
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    token: str
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    channel: Channel
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    channel: Channel
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    since: str
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    id: str
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    channel: Channel
+    data: Any
+    event: str | None = None
+    ref: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    event: str
+    data: Any
+    ref: Any = None
+
+
+ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Resume | Ping | Ack | Publish | Send
+
+MAX_EVENT_LENGTH: Final = 64
+MAX_ID_LENGTH: Final = 128
+_EVENT = re.compile(r"[A-Za-z0-9_.:/-]+")
+
+
+def _string(msg: dict[str, Any], key: str, limit: int, ref: Any) -> str:
+    value = msg.get(key)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise ProtocolError("bad_message", f"'{key}' must be a non-empty string", ref)
+    return value
+
+
+def _event(msg: dict[str, Any], ref: Any, required: bool) -> str | None:
+    value = msg.get("event")
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or not valid_event(value):
+        raise ProtocolError(
+            "bad_message", f"'event' must match {_EVENT.pattern} (max {MAX_EVENT_LENGTH})", ref
+        )
+    return value
+
+
+def valid_event(value: object) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_EVENT_LENGTH
+        and _EVENT.fullmatch(value) is not None
+    )
+
+
+def _since(msg: dict[str, Any], ref: Any) -> str | None:
+    value = msg.get("since")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
+        raise ProtocolError("bad_message", "'since' must be a notification id", ref)
+    return value
+
+
+def parse_client_message(text: str | bytes) -> ClientMessage:
+    """Parse one client frame; raises ProtocolError with a code the client can act on."""
+    try:
+        msg = loads(text)
+    except JSONDecodeError:
+        raise ProtocolError("bad_json", "message is not valid JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("bad_message", "message must be a JSON object")
+    kind = msg.get("type")
+    ref = msg.get("ref")
+    if ref is not None and (not isinstance(ref, str | int) or isinstance(ref, bool)):
+        raise ProtocolError("bad_message", "'ref' must be a string or an integer")
+    if isinstance(ref, str) and len(ref) > MAX_ID_LENGTH:
+        raise ProtocolError("bad_message", "'ref' is too long")
+    if kind == "ping":
+        return Ping(ref)
+    if kind == "ack":
+        return Ack(_string(msg, "id", MAX_ID_LENGTH, ref), ref)
+    if kind == "subscribe":
+        return Subscribe(_channel(msg, ref), ref)
+    if kind == "unsubscribe":
+        return Unsubscribe(_channel(msg, ref), ref)
+    if kind == "publish":
+        channel = _channel(msg, ref)
+        if channel.kind != "topic":
+            raise ProtocolError("invalid_channel", "clients may publish to topic:<name> only", ref)
+        if "data" not in msg:
+            raise ProtocolError("bad_message", "'data' is required", ref)
+        return Publish(channel, msg["data"], _event(msg, ref, required=False), ref)
+    if kind == "send":
+        if "data" not in msg:
+            raise ProtocolError("bad_message", "'data' is required", ref)
+        event = _event(msg, ref, required=True)
+        assert event is not None
+        return Send(event, msg["data"], ref)
+    if kind == "auth":
+        return Auth(_string(msg, "token", 8192, ref), _since(msg, ref), ref)
+    if kind == "refresh":
+        return Refresh(_string(msg, "token", 8192, ref), ref)
+    if kind == "resume":
+        since = _since(msg, ref)
+        if since is None:
+            raise ProtocolError("bad_message", "'since' is required", ref)
+        return Resume(since, ref)
+    if not isinstance(kind, str):
+        raise ProtocolError("bad_message", "message needs a string 'type'", ref)
+    raise ProtocolError("unknown_type", f"unknown message type {kind[:32]!r}", ref)
+
+
+def _channel(msg: dict[str, Any], ref: Any) -> Channel:
+    try:
+        return parse_channel(msg.get("channel"))
+    except ProtocolError as exc:
+        exc.ref = ref
+        raise
+
+
+# --- server -> client -----------------------------------------------------------------
+
+
+def _with_ref(payload: dict[str, Any], ref: Any) -> dict[str, Any]:
+    if ref is not None:
+        payload["ref"] = ref
+    return payload
+
+
+def welcome(
+    user: str, session: str, expires_at: int, heartbeat: float, resumed: bool | None
+) -> bytes:
+    payload: dict[str, Any] = {
+        "type": "welcome",
+        "user": user,
+        "session": session,
+        "expires_at": expires_at,
+        "heartbeat": heartbeat,
+    }
+    if resumed is not None:
+        payload["resumed"] = resumed
+    return dumps(payload)
+
+
+def error(code: str, message: str, ref: Any = None) -> bytes:
+    return dumps(_with_ref({"type": "error", "code": code, "message": message}, ref))
+
+
+def answer(kind: str, ref: Any = None, **fields: Any) -> bytes:
+    """Small replies: pong, subscribed, unsubscribed, published, sent, resumed, ..."""
+    return dumps(_with_ref({"type": kind, **fields}, ref))
+
+
+def notification(
+    notification_id: str,
+    channel: str,
+    event: str | None,
+    data: Any,
+    ts: int,
+    sender: str | None = None,
+) -> bytes:
+    payload: dict[str, Any] = {"type": "notification", "id": notification_id, "channel": channel}
+    if event is not None:
+        payload["event"] = event
+    payload["data"] = data
+    payload["ts"] = ts
+    if sender is not None:
+        payload["from"] = sender
+    return dumps(payload)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, uncompressed server->client text frame (RFC 6455 §5.2).
+
+    Built once per notification and written as-is to every matching socket.
+    """
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", 0x81, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, length)
+    return header + payload
+
+
+# --- AMQP -> notification -------------------------------------------------------------
+
+#: Header carrying the publish time in integer milliseconds, for ``ts`` and the latency
+#: histogram (AMQP ``timestamp`` has whole seconds only; AMQP floats may be 32-bit).
+PUBLISHED_AT_HEADER: Final = "notifyd-published-ms"
+#: Header naming the user who published through a socket (set by notifyd only).
+FROM_HEADER: Final = "notifyd-from"
+#: Header asking for a delivery receipt on ``notifyd.receipts``.
+RECEIPT_HEADER: Final = "notifyd-receipt"
+CONTROL_ROUTING_KEY: Final = "control"
+
+
+class InvalidMessage(Exception):
+    """An AMQP message notifyd cannot deliver; ``reason`` is the metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class Notification:
+    """One notification, decoded once and ready to be written to many sockets."""
+
+    id: str
+    channel: Channel
+    frame: bytes
+    ts: int
+    expires_at: float | None = None
+    published_at: float | None = None
+    receipt: bool = False
+
+
+def decode_notification(
+    routing_key: str,
+    body: bytes,
+    *,
+    message_id: str | None,
+    timestamp: float | None,
+    expiration: str | None,
+    headers: dict[str, Any] | None,
+    ids: IdGenerator,
+    max_body_size: int,
+    now: float,
+) -> Notification:
+    """Turn an AMQP delivery into a :class:`Notification` or raise InvalidMessage."""
+    channel = channel_for_routing_key(routing_key)
+    if channel is None:
+        raise InvalidMessage("bad_key", f"routing key {routing_key[:64]!r} is not routable")
+    if len(body) > max_body_size:
+        raise InvalidMessage("too_big", f"body of {len(body)} bytes exceeds {max_body_size}")
+    try:
+        payload = loads(body)
+    except JSONDecodeError:
+        raise InvalidMessage("not_json", "body is not JSON") from None
+    if not isinstance(payload, dict) or "data" not in payload:
+        raise InvalidMessage("bad_body", "body must be a JSON object with 'data'")
+    event = payload.get("event")
+    if event is not None and not valid_event(event):
+        raise InvalidMessage("bad_body", "'event' must be a short name")
+    if message_id is not None and (not message_id or len(message_id) > MAX_ID_LENGTH):
+        raise InvalidMessage("bad_body", "message_id must be 1..128 characters")
+    headers = headers or {}
+    published_ms = headers.get(PUBLISHED_AT_HEADER)
+    if isinstance(published_ms, int) and not isinstance(published_ms, bool):
+        published_at: float | None = published_ms / 1000
+    else:
+        published_at = timestamp
+    sent_at = published_at if published_at is not None else now
+    ts = int(sent_at * 1000)
+    notification_id = message_id or ids.new(ts)
+    expires_at = None
+    if expiration:
+        try:
+            expires_at = sent_at + int(expiration) / 1000
+        except ValueError:
+            raise InvalidMessage("bad_body", "expiration must be milliseconds") from None
+    sender = headers.get(FROM_HEADER)
+    frame = text_frame(
+        notification(
+            notification_id,
+            str(channel),
+            event,
+            payload["data"],
+            ts,
+            sender if isinstance(sender, str) else None,
+        )
+    )
+    return Notification(
+        id=notification_id,
+        channel=channel,
+        frame=frame,
+        ts=ts,
+        expires_at=expires_at,
+        published_at=published_at,
+        receipt=bool(headers.get(RECEIPT_HEADER)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    """Close every socket of ``user`` (on every replica) with 4001/4003."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Revoke:
+    """Refuse token ids from now on and close the sockets that use them."""
+
+    token_ids: tuple[str, ...]
+    until: float
+
+
+ControlCommand = Disconnect | Revoke
+
+
+def decode_control(body: bytes, now: float) -> ControlCommand:
+    """``{"action":"disconnect","user":ID}`` or ``{"action":"revoke","jti":[...],"until":T}``."""
+    try:
+        payload = loads(body)
+    except JSONDecodeError:
+        raise InvalidMessage("not_json", "control body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise InvalidMessage("bad_body", "control body must be an object")
+    action = payload.get("action")
+    if action == "disconnect" and valid_name(payload.get("user")):
+        return Disconnect(payload["user"])
+    if action == "revoke":
+        token_ids = payload.get("jti")
+        if isinstance(token_ids, str):
+            token_ids = [token_ids]
+        until = payload.get("until", now + 86_400)
+        if (
+            isinstance(token_ids, list)
+            and token_ids
+            and all(isinstance(t, str) and 0 < len(t) <= MAX_ID_LENGTH for t in token_ids)
+            and isinstance(until, int | float)
+        ):
+            return Revoke(tuple(token_ids), float(until))
+    raise InvalidMessage("bad_body", "control action must be disconnect{user} or revoke{jti}")
