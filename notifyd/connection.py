@@ -470,8 +470,8 @@ class SocketServer:
                 session.send(answer("unsubscribed", message.ref, channel=str(channel)))
             case Refresh(token=token):
                 await self._refresh(session, token)
-            case Resume(since=since):
-                await self._resume(session, since)
+            case Resume(since=since, ref=ref):
+                await self._resume(session, since, ref)
             case Publish():
                 await self._publish(session, message)
             case Send():
@@ -513,13 +513,13 @@ class SocketServer:
         self._schedule_expiry(session)
         session.send(answer("refreshed", expires_at=int(identity.expires_at)))
 
-    async def _resume(self, session: Session, since: str) -> None:
+    async def _resume(self, session: Session, since: str, ref: Any) -> None:
         # What arrived live since this socket joined is not replayed again.
         before = session.first_live_seq
         session.hold()
         missed = await self._replay(session, since, before if before is not None else self.hub.last_seq + 1)
         count = len(missed or ())
-        session.release(answer("resumed", resumed=missed is not None, count=count), missed or [])
+        session.release(answer("resumed", ref, resumed=missed is not None, count=count), missed or [])
 
     async def _publish(self, session: Session, message: Publish) -> None:
         counter = metrics.UPSTREAM_MESSAGES
