@@ -399,7 +399,7 @@ class Broker:
         channel = self._publisher
         if channel is None or channel.is_closed:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        target = await channel.get_exchange(exchange, ensure=False)
+        target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -448,6 +448,15 @@ class Broker:
             message_id=self.ids.new(),
             headers={"notifyd-user": user, "notifyd-session": session, "notifyd-event": event},
         )
+
+    async def publish_to_queue(self, queue: str, body: bytes, headers: dict[str, Any]) -> None:
+        """Publish straight to a queue (the default exchange), with a confirm."""
+        await self._publish_raw("", queue, body, headers=headers, persistent=False)
+
+    @property
+    def connection(self) -> Any:
+        """The live AMQP connection, or None while disconnected."""
+        return self._connection if self.connected.is_set() else None
 
     def send_receipt(self, notification: Notification, delivered: int) -> None:
         """Tell the publisher how many sockets on this replica got a notification."""

@@ -46,6 +46,8 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 _SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
+#: Seconds after a resume during which live copies of replayed ids are dropped.
+SKIP_WINDOW = 10.0
 
 
 class BrokerUnavailable(Exception):
@@ -98,6 +100,7 @@ class Session:
         "_close_task",
         "_held",
         "_held_bytes",
+        "_skip",
         "_timers",
         "closing",
         "deadline",
@@ -125,6 +128,9 @@ class Session:
         self.closing = False
         self.first_live_seq: int | None = None
         self._held: list[tuple[bytes, int]] | None = None
+        #: Ids just replayed from a shared history; live copies still in flight
+        #: to this replica are dropped for a short while after a resume.
+        self._skip: frozenset[str] = frozenset()
         self._held_bytes = 0
         self._timers: list[asyncio.TimerHandle] = []
         self._close_task: asyncio.Task[None] | None = None
@@ -132,6 +138,8 @@ class Session:
     def write(self, frame: bytes, seq: int = 0) -> bool:
         if self.closing:
             return False
+        if self._skip and seq and _frame_id(frame) in self._skip:
+            return True
         if self._held is not None:
             # Resuming from a shared history: live traffic waits behind the replay.
             self._held_bytes += len(frame)
@@ -166,11 +174,14 @@ class Session:
         self.send(first)
         for notification in replay:
             self.write(notification.frame)
-        replayed = {n.id for n in replay} if replay and held else set()
+        if replay:
+            self._skip = frozenset(n.id for n in replay)
+            self.schedule(SKIP_WINDOW, self._forget_skip)
         for frame, seq in held:
-            if replayed and _frame_id(frame) in replayed:
-                continue
             self.write(frame, seq)
+
+    def _forget_skip(self) -> None:
+        self._skip = frozenset()
 
     def _overflow(self) -> None:
         _SLOW.inc()
@@ -195,6 +206,7 @@ class Session:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        self._skip = frozenset()
 
 
 def _frame_id(frame: bytes) -> str | None:

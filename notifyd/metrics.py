@@ -48,6 +48,9 @@ UPSTREAM_MESSAGES = Counter(
     ["kind", "result"],
 )
 BINDINGS = Gauge("notifyd_bindings", "Routing keys bound to this replica's queue")
+HISTORY_READS = Counter(
+    "notifyd_history_reads", "Reads of the shared history stream (each serves a batch of resumes)"
+)
 RESUMES = Counter("notifyd_resumes", "Resume requests by outcome", ["outcome"])
 CLOSES = Counter("notifyd_closes", "Sockets closed by the server, by close code", ["code"])
 READY = Gauge("notifyd_ready", "1 while /readyz answers 200")

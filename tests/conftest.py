@@ -134,7 +134,7 @@ ServerFactory = Callable[..., Awaitable[Server]]
 async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
     """Start in-process servers; ``await make_server(ws={...})`` overrides settings."""
     started: list[TestServer] = []
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     async def factory(wait_ready: bool = True, url: str | None = None, **sections: dict[str, Any]) -> Server:
         settings = settings_for(url or amqp_url, **sections)

@@ -1,0 +1,215 @@
+"""History shared by all replicas: a RabbitMQ stream bound to the ``notifyd`` exchange.
+
+Every notification routed by the exchange is also appended to the stream queue
+``notifyd.history`` (retention ``[history] max_age``). A client may therefore
+resume on any replica: the replica reads the stream from shortly before the
+client's last id and replays what the client's channels missed.
+
+Resumes are batched: requests arriving within a short window share one read, so
+a reconnect storm costs one pass over the stream, not one per socket. The end of
+a read is found with a marker message published to the stream after the resuming
+sockets started holding live traffic, so nothing falls between replay and live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import metrics
+from .config import HistorySettings
+from .protocol import (
+    Channel,
+    IdGenerator,
+    InvalidMessage,
+    Notification,
+    decode_notification,
+    id_timestamp_ms,
+)
+
+log = logging.getLogger(__name__)
+
+STREAM_QUEUE = "notifyd.history"
+MARKER_HEADER = "notifyd-marker"
+#: Keys copied into the stream (control messages are not history).
+STREAM_BINDINGS = ("user.#", "topic.#", "broadcast")
+#: Requests arriving within this window share one read of the stream.
+BATCH_WINDOW = 0.02
+#: Read from this long before a generated id's timestamp (clock skew between replicas).
+SKEW_MARGIN = 5.0
+READ_TIMEOUT = 15.0
+
+
+@dataclass(eq=False)
+class _Request:
+    since: str
+    channels: frozenset[Channel]
+    future: asyncio.Future[list[Notification] | None]
+    found: bool = False
+    missed: list[Notification] = field(default_factory=list)
+
+
+class StreamHistory:
+    """Reads missed notifications for any replica's clients from the shared stream."""
+
+    def __init__(self, settings: HistorySettings, broker: Any) -> None:
+        self.settings = settings
+        self.broker = broker
+        self._pending: list[_Request] = []
+        self._flush: asyncio.TimerHandle | None = None
+        self._reads: set[asyncio.Task[None]] = set()
+        # Replay never generates ids that matter: a message without message_id
+        # gets a fresh id here and so can never equal a client's resume point.
+        self._ids = IdGenerator()
+
+    async def on_connected(self, connection: Any) -> None:
+        """Declare the stream and bind it (idempotent; every replica does the same)."""
+        channel = await connection.channel()
+        try:
+            raw = await channel.get_underlay_channel()
+            await raw.queue_declare(
+                STREAM_QUEUE,
+                durable=True,
+                arguments={
+                    "x-queue-type": "stream",
+                    "x-max-age": f"{max(1, int(self.settings.max_age))}s",
+                    # Small segments so that age-based retention is fine-grained.
+                    "x-stream-max-segment-size-bytes": 4_000_000,
+                },
+            )
+            for key in STREAM_BINDINGS:
+                await raw.queue_bind(STREAM_QUEUE, "notifyd", routing_key=key)
+        finally:
+            await channel.close()
+
+    async def replay(
+        self, since: str, channels: list[Channel], before_seq: int | None = None
+    ) -> list[Notification] | None:
+        """Everything on ``channels`` after ``since``, oldest first, or None."""
+        future: asyncio.Future[list[Notification] | None] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Request(since, frozenset(channels), future))
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_later(BATCH_WINDOW, self._start_read)
+        return await future
+
+    def _start_read(self) -> None:
+        self._flush = None
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._read(batch))
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    def _start_offset(self, batch: list[_Request]) -> dt.datetime:
+        now = time.time()
+        oldest = now - self.settings.max_age
+        starts = []
+        for request in batch:
+            ms = id_timestamp_ms(request.since)
+            starts.append(oldest if ms is None else max(oldest, ms / 1000 - SKEW_MARGIN))
+        return dt.datetime.fromtimestamp(min(starts), tz=dt.UTC)
+
+    async def _read(self, batch: list[_Request]) -> None:
+        metrics.HISTORY_READS.inc()
+        marker = secrets.token_hex(8)
+        try:
+            await asyncio.wait_for(self._read_until_marker(batch, marker), READ_TIMEOUT)
+        except Exception as exc:
+            log.warning("history read for %d resuming sockets failed: %s", len(batch), exc)
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_result(None)
+            return
+        log.info("history read served %d resuming sockets", len(batch))
+
+    async def _read_until_marker(self, batch: list[_Request], marker: str) -> None:
+        connection = self.broker.connection
+        if connection is None:
+            raise ConnectionError("not connected to RabbitMQ")
+        channel = await connection.channel()
+        raw = await channel.get_underlay_channel()
+        done = asyncio.get_running_loop().create_future()
+        now = time.time()
+        max_body = self.broker.settings.max_body_size
+
+        def handle(message: Any) -> None:
+            """Synchronous, so deliveries are handled strictly in stream order."""
+            properties = message.header.properties
+            headers = properties.headers or {}
+            if MARKER_HEADER in headers:
+                if headers[MARKER_HEADER] == marker and not done.done():
+                    done.set_result(None)
+                return  # another read's marker otherwise
+            try:
+                timestamp = properties.timestamp
+                notification = decode_notification(
+                    message.delivery.routing_key,
+                    message.body,
+                    message_id=properties.message_id,
+                    timestamp=timestamp.timestamp() if timestamp is not None else None,
+                    expiration=properties.expiration,
+                    headers=headers,
+                    ids=self._ids,
+                    max_body_size=max_body,
+                    now=now,
+                )
+            except InvalidMessage:
+                return
+            for request in batch:
+                if request.found:
+                    if notification.channel in request.channels and (
+                        notification.expires_at is None or notification.expires_at > now
+                    ):
+                        request.missed.append(notification)
+                elif notification.id == request.since:
+                    request.found = True
+
+        async def on_message(message: Any) -> None:
+            handle(message)
+            tag = message.delivery.delivery_tag
+            if tag % 500 == 0 or done.done():
+                # Streams need acks to keep granting credit to the consumer.
+                with contextlib.suppress(Exception):
+                    await raw.basic_ack(tag, multiple=True)
+
+        try:
+            await raw.basic_qos(prefetch_count=2000)
+            await raw.basic_consume(
+                STREAM_QUEUE,
+                on_message,
+                arguments={"x-stream-offset": self._start_offset(batch)},
+            )
+            # Everything live so far is in the stream before this marker.
+            await self.broker.publish_to_queue(STREAM_QUEUE, b"{}", {MARKER_HEADER: marker})
+            await done
+        finally:
+            with contextlib.suppress(Exception):
+                await channel.close()
+        for request in batch:
+            if not request.future.done():
+                request.future.set_result(_dedupe(request.missed) if request.found else None)
+
+    async def close(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+        for task in list(self._reads):
+            task.cancel()
+        for request in self._pending:
+            if not request.future.done():
+                request.future.set_result(None)
+
+
+def _dedupe(notifications: list[Notification]) -> list[Notification]:
+    """Drop repeated ids (a publisher's retry), keeping the first."""
+    seen: set[str] = set()
+    unique = []
+    for notification in notifications:
+        if notification.id not in seen:
+            seen.add(notification.id)
+            unique.append(notification)
+    return unique

@@ -1,0 +1,108 @@
+"""Several replicas on one RabbitMQ: routing isolation, topics across replicas, resume anywhere."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .conftest import (
+    AmqpPublisher,
+    ServerFactory,
+    expect_silence,
+    new_user,
+    receive_json,
+    receive_until,
+)
+
+
+async def test_each_replica_gets_only_its_own_users_traffic(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
+    replica_a, replica_b = await make_server(), await make_server()
+    alice, bob = new_user("alice"), new_user("bob")
+    ws_alice, _ = await replica_a.connect(alice)
+    ws_bob, _ = await replica_b.connect(bob)
+    received_before = replica_b.gateway.hub.last_seq
+
+    for n in range(20):
+        await amqp.send(f"user.{alice}", {"data": n})
+    for n in range(20):
+        assert (await receive_until(ws_alice, "notification"))["data"] == n
+    await amqp.send("broadcast", {"data": "all"})
+    assert (await receive_until(ws_alice, "notification"))["data"] == "all"
+    assert (await receive_until(ws_bob, "notification"))["data"] == "all"
+    # Replica B's queue saw the broadcast and nothing of Alice's.
+    assert replica_b.gateway.hub.last_seq - received_before == 1
+    assert f"user.{alice}" not in replica_b.gateway.broker.bindings.bound
+    assert f"user.{alice}" in replica_a.gateway.broker.bindings.bound
+
+
+async def test_chat_through_a_topic_across_two_replicas(make_server: ServerFactory) -> None:
+    replica_a, replica_b = await make_server(), await make_server()
+    room = f"room{new_user()}"
+    alice, bob = new_user("alice"), new_user("bob")
+    ws_alice, _ = await replica_a.connect(alice, topics=[room], publish=[room])
+    ws_bob, _ = await replica_b.connect(bob, topics=[room], publish=[room])
+    await ws_alice.send_json({"type": "publish", "channel": f"topic:{room}", "data": "hi bob"})
+    message = await receive_until(ws_bob, "notification")
+    assert (message["from"], message["data"]) == (alice, "hi bob")
+    await ws_bob.send_json({"type": "publish", "channel": f"topic:{room}", "data": "hi alice"})
+    message = await receive_until(ws_alice, "notification", timeout=5)
+    while message["data"] != "hi alice":  # alice also gets her own message back
+        message = await receive_until(ws_alice, "notification")
+    assert message["from"] == bob
+
+
+async def test_resume_on_another_replica_from_the_shared_stream(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
+    history = {"backend": "stream"}
+    replica_a = await make_server(history=history)
+    replica_b = await make_server(history=history)
+    user = new_user()
+    ws, _ = await replica_a.connect(user)
+    await amqp.send(f"user.{user}", {"data": 0}, message_id=f"{user}-0")
+    last = await receive_until(ws, "notification")
+    await ws.close()
+    for n in range(1, 11):
+        await amqp.send(f"user.{user}", {"data": n}, message_id=f"{user}-{n}")
+    await asyncio.sleep(0.2)
+
+    ws, welcome = await replica_b.connect(user, since=last["id"])
+    assert welcome["resumed"] is True
+    await amqp.send(f"user.{user}", {"data": 11}, message_id=f"{user}-11")
+    got = [(await receive_until(ws, "notification"))["data"] for _ in range(11)]
+    assert got == list(range(1, 12))
+    await expect_silence(ws, 0.3)
+
+
+async def test_resume_storm_is_served_by_few_stream_reads(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
+    from notifyd import metrics
+
+    server = await make_server(history={"backend": "stream"})
+    marker = new_user()
+    await amqp.send(f"user.{marker}", {"data": "x"}, message_id=f"{marker}-since")
+    users = [new_user() for _ in range(200)]
+    for user in users:
+        await amqp.send(f"user.{user}", {"data": user}, message_id=f"{user}-missed")
+    await asyncio.sleep(0.2)
+    reads_before = metrics.HISTORY_READS._value.get()
+    # 200 sockets resume at once from a point before their missed notification.
+    results = await asyncio.gather(*(server.connect(u, since=f"{marker}-since") for u in users))
+    for user, (ws, welcome) in zip(users, results, strict=True):
+        assert welcome["resumed"] is True
+        message = await receive_until(ws, "notification")
+        assert (message["id"], message["data"]) == (f"{user}-missed", user)
+    reads = metrics.HISTORY_READS._value.get() - reads_before
+    assert 1 <= reads <= 20, reads
+
+
+async def test_unknown_resume_point_on_the_stream_is_not_resumed(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(history={"backend": "stream"})
+    ws, welcome = await server.connect(new_user(), since="never-published-id")
+    assert welcome["resumed"] is False
+    await ws.send_json({"type": "ping"})
+    assert await receive_json(ws) == {"type": "pong"}
