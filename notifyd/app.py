@@ -36,15 +36,16 @@ from .hub import Hub
 from .protocol import (
     MAX_ID_LENGTH,
     Channel,
+    CloseCode,
     ControlCommand,
     Disconnect,
     Notification,
     ProtocolError,
     Revoke,
-    CloseCode,
     loads,
     parse_channel,
     valid_event,
+    valid_name,
 )
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,11 @@ async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     ready = gateway.ready
     metrics.READY.set(1 if ready else 0)
-    body = {"ready": ready, "broker": gateway.broker.connected.is_set(), "draining": gateway.draining}
+    body = {
+        "ready": ready,
+        "broker": gateway.broker.connected.is_set(),
+        "draining": gateway.draining,
+    }
     return web.json_response(body, status=200 if ready else 503)
 
 
@@ -268,13 +273,13 @@ async def demo_token(request: web.Request) -> web.Response:
     topics = body.get("topics") or []
     publish = body.get("publish") or []
     ttl = body.get("ttl", 3600)
-    from .protocol import valid_name
-
     if not valid_name(user):
         return _json_error(400, "bad_body", "'user' must be a valid user id")
     names = [*topics, *publish]
-    if not isinstance(topics, list) or not isinstance(publish, list) or not all(
-        isinstance(t, str) and valid_name(t.removesuffix(".*")) for t in names
+    if (
+        not isinstance(topics, list)
+        or not isinstance(publish, list)
+        or not all(isinstance(t, str) and valid_name(t.removesuffix(".*")) for t in names)
     ):
         return _json_error(400, "bad_body", "'topics' and 'publish' must be lists of topic names")
     if not isinstance(ttl, int) or not 10 <= ttl <= 86_400:
@@ -327,7 +332,12 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info(
-            '%s "%s %s" %d %.3fs', request.remote, request.method, request.path, response.status, time
+            '%s "%s %s" %d %.3fs',
+            request.remote,
+            request.method,
+            request.path,
+            response.status,
+            time,
         )
 
 
@@ -338,7 +348,9 @@ RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger}
 # --- running a process ---------------------------------------------------------------
 
 
-async def serve(settings: Settings, replica_id: str | None = None, reuse_port: bool = False) -> None:
+async def serve(
+    settings: Settings, replica_id: str | None = None, reuse_port: bool = False
+) -> None:
     """Run one replica until SIGTERM/SIGINT, then shut down in order."""
     server = settings.server
     app = create_app(settings, replica_id)
@@ -353,10 +365,13 @@ async def serve(settings: Settings, replica_id: str | None = None, reuse_port: b
     if server.metrics_port:
         metrics_runner = web.AppRunner(metrics_app(), handle_signals=False, **RUNNER_OPTIONS)
         await metrics_runner.setup()
-        await web.TCPSite(metrics_runner, server.host, server.metrics_port, reuse_port=reuse_port or None).start()
+        await web.TCPSite(
+            metrics_runner, server.host, server.metrics_port, reuse_port=reuse_port or None
+        ).start()
     log.info(
         "notifyd listening on http://%s:%d (ws /ws, metrics %s)",
-        server.host, server.port,
+        server.host,
+        server.port,
         f":{server.metrics_port}/metrics" if server.metrics_port else "/metrics",
     )
     stop = asyncio.Event()
@@ -405,7 +420,9 @@ def run(settings: Settings) -> None:
     for index in range(workers):
         worker_settings = settings
         if settings.server.metrics_port:
-            worker_settings = settings.replace("server", metrics_port=settings.server.metrics_port + index)
+            worker_settings = settings.replace(
+                "server", metrics_port=settings.server.metrics_port + index
+            )
         process = context.Process(
             target=_worker_main,
             args=(worker_settings, f"{base}-w{index}", logging.getLogger().level),

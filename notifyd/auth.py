@@ -199,8 +199,12 @@ class _Jwks:
                 document = await response.json(content_type=None)
             keyset = jwt.PyJWKSet.from_dict(document)
         except (aiohttp.ClientError, TimeoutError, ValueError, jwt.PyJWKSetError) as exc:
-            log.warning("JWKS fetch from %s failed: %s; keeping %d cached keys",
-                        self.url, exc, len(self._keys))
+            log.warning(
+                "JWKS fetch from %s failed: %s; keeping %d cached keys",
+                self.url,
+                exc,
+                len(self._keys),
+            )
             return
         self._keys = {k.key_id: k for k in keyset.keys if k.key_id is not None}
         if not self._keys and keyset.keys:

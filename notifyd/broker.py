@@ -21,12 +21,12 @@ import os
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from . import metrics
@@ -156,7 +156,8 @@ class Broker:
         self.ids = ids or IdGenerator()
         self.bindings = BindingTable()
         self.connected = asyncio.Event()
-        self.on_connected: list[Callable[[AbstractRobustConnection], Any]] = []
+        #: Awaited with the new connection after each (re)connect, before consuming.
+        self.on_connected: list[Callable[[Any], Awaitable[None]]] = []
         self._connection: Any = None
         self._publisher: AbstractChannel | None = None
         self._lost = asyncio.Event()
@@ -180,7 +181,9 @@ class Broker:
             except (aiormq.AMQPError, OSError, ConnectionError, TimeoutError, RuntimeError) as exc:
                 log.warning(
                     "broker %s unavailable (%s); retrying in %.1fs",
-                    _redact(self.settings.url), exc or type(exc).__name__, delay,
+                    _redact(self.settings.url),
+                    exc or type(exc).__name__,
+                    delay,
                 )
                 await self._disconnect()
             else:
@@ -189,11 +192,11 @@ class Broker:
                 first = False
                 delay = self.settings.reconnect_min
                 await self._lost.wait()
-                if self._closing:
+                if self.closed:
                     break
                 log.warning("broker connection lost; reconnecting")
                 await self._disconnect()
-            if self._closing:
+            if self.closed:
                 break
             # Full jitter: replicas that lost the broker together do not return together.
             await asyncio.sleep(random.uniform(self.settings.reconnect_min, delay))
@@ -251,6 +254,10 @@ class Broker:
         if connection is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(connection.close(), 5)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
 
     async def close(self) -> None:
         """Stop consuming and close; unacked deliveries go back to RabbitMQ."""
@@ -363,8 +370,11 @@ class Broker:
             log.warning(
                 "dead-lettering message id=%s key=%r: %s (%s); further %s messages are "
                 "counted in notifyd_dead_lettered_total",
-                message.header.properties.message_id, message.delivery.routing_key,
-                detail, reason, reason,
+                message.header.properties.message_id,
+                message.delivery.routing_key,
+                detail,
+                reason,
+                reason,
             )
         headers = dict(message.header.properties.headers or {})
         headers.update({
@@ -399,7 +409,11 @@ class Broker:
         channel = self._publisher
         if channel is None or channel.is_closed:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        target = channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        target = (
+            channel.default_exchange
+            if exchange == ""
+            else await channel.get_exchange(exchange, ensure=False)
+        )
         message = aio_pika.Message(
             body,
             message_id=message_id,
@@ -407,7 +421,9 @@ class Broker:
             headers=headers,
             timestamp=time.time(),
             delivery_mode=(
-                aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT
+                aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
             ),
         )
         try:
@@ -440,7 +456,15 @@ class Broker:
 
     async def send_upstream(self, user: str, session: str, event: str, data: Any) -> None:
         """A client's message to the backends, stamped with who sent it."""
-        body = dumps({"user": user, "session": session, "event": event, "data": data, "ts": int(time.time() * 1000)})
+        body = dumps(
+            {
+                "user": user,
+                "session": session,
+                "event": event,
+                "data": data,
+                "ts": int(time.time() * 1000),
+            }
+        )
         await self._publish_raw(
             UPSTREAM_EXCHANGE,
             f"user.{user}",

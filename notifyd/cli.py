@@ -13,7 +13,9 @@ from . import __version__
 from .config import ConfigError, Settings, load
 
 
-def _settings(args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None) -> Settings:
+def _settings(
+    args: argparse.Namespace, overrides: dict[str, dict[str, Any]] | None = None
+) -> Settings:
     return load(getattr(args, "config", None), overrides=overrides)
 
 
@@ -84,9 +86,16 @@ def _token(args: argparse.Namespace) -> int:
     if not valid_name(args.user):
         print(f"notifyd token: invalid user id {args.user!r}", file=sys.stderr)
         return 2
-    split = lambda text: [t for t in (text or "").split(",") if t]  # noqa: E731
+
+    def split(text: str | None) -> list[str]:
+        return [t for t in (text or "").split(",") if t]
+
     extra = {"jti": args.jti} if args.jti else {}
-    print(mint_token(secret, args.user, args.ttl, split(args.topics), split(args.publish), algorithm, **extra))
+    print(
+        mint_token(
+            secret, args.user, args.ttl, split(args.topics), split(args.publish), algorithm, **extra
+        )
+    )
     return 0
 
 
@@ -153,7 +162,9 @@ def parser() -> argparse.ArgumentParser:
     check = with_config(commands.add_parser("check-config", help="validate and print the settings"))
     check.set_defaults(func=_check_config)
 
-    dev = commands.add_parser("dev-broker", help="run a private local RabbitMQ node for development")
+    dev = commands.add_parser(
+        "dev-broker", help="run a private local RabbitMQ node for development"
+    )
     dev.add_argument("--dir", help="data directory (default: a temporary one)")
     dev.add_argument("--port", type=int, help="AMQP port (default 5672)")
     dev.set_defaults(func=_dev_broker)
@@ -168,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     try:
-        return int(args.func(args))
+        code: int = args.func(args)
+        return code
     except ConfigError as exc:
         print(f"notifyd: configuration error: {exc}", file=sys.stderr)
         return 2

@@ -196,9 +196,7 @@ def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
     raise AssertionError(f"unsupported type for {key}: {hint}")  # pragma: no cover
 
 
-def _merge(
-    raw: dict[str, dict[str, Any]], values: Mapping[str, Any], source: str
-) -> None:
+def _merge(raw: dict[str, dict[str, Any]], values: Mapping[str, Any], source: str) -> None:
     """Check one source's ``{section: {key: value}}`` and lay it over ``raw``."""
     for section, keys in values.items():
         if section not in SECTIONS:
@@ -287,10 +285,15 @@ def validate(settings: Settings) -> None:
         "[server] shutdown_timeout: must be larger than drain_seconds",
     )
     _check(s.server.max_connections >= 1, "[server] max_connections: must be at least 1")
-    _check(s.amqp.url.startswith(("amqp://", "amqps://")), "[amqp] url: must be amqp:// or amqps://")
+    _check(
+        s.amqp.url.startswith(("amqp://", "amqps://")), "[amqp] url: must be amqp:// or amqps://"
+    )
     _check(s.amqp.prefetch >= 1, "[amqp] prefetch: must be at least 1")
     _check(s.amqp.queue_expires >= 1, "[amqp] queue_expires: must be at least 1 second")
-    _check(0 < s.amqp.reconnect_min <= s.amqp.reconnect_max, "[amqp] reconnect_min: must be in (0, reconnect_max]")
+    _check(
+        0 < s.amqp.reconnect_min <= s.amqp.reconnect_max,
+        "[amqp] reconnect_min: must be in (0, reconnect_max]",
+    )
     _check(s.amqp.max_body_size >= 64, "[amqp] max_body_size: must be at least 64")
     _check(s.amqp.dedupe_window >= 0, "[amqp] dedupe_window: must be >= 0")
     _check(len(s.auth.algorithms) > 0, "[auth] algorithms: must name at least one algorithm")
@@ -303,14 +306,19 @@ def validate(settings: Settings) -> None:
         "[auth] algorithms: do not mix HS* with RS*/ES*/PS*/EdDSA (key confusion)",
     )
     if symmetric:
-        _check(bool(s.auth.secret), "[auth] secret: required for HS* algorithms (NOTIFYD_AUTH_SECRET)")
+        _check(
+            bool(s.auth.secret), "[auth] secret: required for HS* algorithms (NOTIFYD_AUTH_SECRET)"
+        )
     if asymmetric:
         _check(
             bool(s.auth.public_key) != bool(s.auth.jwks_url),
-            "[auth] public_key: set exactly one of public_key or jwks_url for asymmetric algorithms",
+            "[auth] public_key: set exactly one of public_key or jwks_url for RS*/ES*/PS*/EdDSA",
         )
     if s.auth.jwks_url:
-        _check(s.auth.jwks_url.startswith(("https://", "http://")), "[auth] jwks_url: must be an http(s) URL")
+        _check(
+            s.auth.jwks_url.startswith(("https://", "http://")),
+            "[auth] jwks_url: must be an http(s) URL",
+        )
     _check(s.auth.leeway >= 0, "[auth] leeway: must be >= 0")
     _check(s.auth.auth_timeout > 0, "[auth] auth_timeout: must be > 0")
     _check(bool(s.auth.user_claim), "[auth] user_claim: must not be empty")
@@ -323,14 +331,19 @@ def validate(settings: Settings) -> None:
     _check(s.ws.binding_grace >= 0, "[ws] binding_grace: must be >= 0")
     _check(s.ws.refresh_before >= 0, "[ws] refresh_before: must be >= 0")
     for origin in s.ws.allowed_origins:
-        _check("://" in origin, f"[ws] allowed_origins: {origin!r} is not an origin like https://app.example")
+        _check(
+            "://" in origin,
+            f"[ws] allowed_origins: {origin!r} is not an origin like https://app.example",
+        )
     _check(
         s.history.backend in {"memory", "stream", "off"},
         "[history] backend: must be 'memory', 'stream' or 'off'",
     )
     _check(s.history.max_per_user >= 1, "[history] max_per_user: must be at least 1")
     _check(s.history.max_age > 0, "[history] max_age: must be > 0")
-    _check(s.history.max_total >= s.history.max_per_user, "[history] max_total: must be >= max_per_user")
+    _check(
+        s.history.max_total >= s.history.max_per_user,
+        "[history] max_total: must be >= max_per_user",
+    )
     for key in s.api.service_keys:
         _check(len(key) >= 8, "[api] service_keys: each key must be at least 8 characters")
-

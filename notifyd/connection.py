@@ -50,6 +50,10 @@ _SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
 SKIP_WINDOW = 10.0
 
 
+class _PeerGone(Exception):
+    """The client went away before authenticating."""
+
+
 class BrokerUnavailable(Exception):
     """RabbitMQ cannot take a message right now (disconnected, or no confirm)."""
 
@@ -62,9 +66,7 @@ class Upstream(Protocol):
     ) -> str:
         """Publish a notification through RabbitMQ; returns its id."""
 
-    async def send_upstream(
-        self, user: str, session: str, event: str, data: Any
-    ) -> None:
+    async def send_upstream(self, user: str, session: str, event: str, data: Any) -> None:
         """Publish a client message to ``notifyd.upstream``."""
 
 
@@ -115,7 +117,12 @@ class Session:
     )
 
     def __init__(
-        self, ws: web.WebSocketResponse, transport: Any, identity: Identity, limit: int, leeway: float
+        self,
+        ws: web.WebSocketResponse,
+        transport: Any,
+        identity: Identity,
+        limit: int,
+        leeway: float,
     ) -> None:
         self.ws = ws
         self.transport = transport
@@ -233,9 +240,9 @@ async def close_socket(
     except (TimeoutError, ConnectionError, RuntimeError):
         pass
     finally:
-        if transport is not None and not transport.is_closing():
-            transport.abort()
-        elif transport is not None and transport.get_write_buffer_size():
+        if (transport is not None and not transport.is_closing()) or (
+            transport is not None and transport.get_write_buffer_size()
+        ):
             transport.abort()
 
 
@@ -299,59 +306,53 @@ class SocketServer:
         self, ws: web.WebSocketResponse, request: web.Request
     ) -> tuple[Identity, str | None] | None:
         """The socket's identity and resume point, or None after closing it."""
-        auth_settings = self.settings.auth
-        token: str | None = None
-        since: str | None = None
+        try:
+            token, since = await self._credentials(ws, request)
+            return await self.verifier.verify(token), since
+        except _PeerGone:
+            return None
+        except AuthError as exc:
+            metrics.AUTH_FAILURES.labels(exc.reason).inc()
+            log.info("auth failed from %s: %s", request.remote, exc)
+            if exc.reason == "timeout":
+                await self._refuse(ws, request, CloseCode.AUTH_TIMEOUT, "auth timeout", "timeout")
+            elif exc.reason == "expired":
+                await self._refuse(ws, request, CloseCode.TOKEN_EXPIRED, "token expired", "expired")
+            else:
+                await self._refuse(
+                    ws, request, CloseCode.UNAUTHORIZED, str(exc)[:100], "unauthorized"
+                )
+            return None
+
+    async def _credentials(
+        self, ws: web.WebSocketResponse, request: web.Request
+    ) -> tuple[str, str | None]:
+        """The token and resume point, from the header, the query or the first message."""
         header = request.headers.get("Authorization", "")
         if header:
             scheme, _, value = header.partition(" ")
             if scheme.lower() != "bearer" or not value.strip():
-                return await self._auth_failed(ws, request, AuthError("malformed", "bad Authorization header"))
-            token = value.strip()
-            since = request.query.get("since") or None
-        elif "token" in request.query:
-            if not auth_settings.query_token:
-                return await self._auth_failed(
-                    ws, request, AuthError("malformed", "?token= is disabled; use the auth message")
-                )
-            token = request.query["token"]
-            since = request.query.get("since") or None
-        else:
-            try:
-                msg = await ws.receive(timeout=auth_settings.auth_timeout)
-            except TimeoutError:
-                metrics.AUTH_FAILURES.labels("timeout").inc()
-                await self._refuse(ws, request, CloseCode.AUTH_TIMEOUT, "auth timeout", "timeout")
-                return None
-            if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-                return None
-            try:
-                if msg.type is not WSMsgType.TEXT:
-                    raise ProtocolError("bad_message", "first message must be a text auth message")
-                first = parse_client_message(msg.data)
-            except ProtocolError as exc:
-                return await self._auth_failed(ws, request, AuthError("missing", exc.message))
-            if not isinstance(first, Auth):
-                return await self._auth_failed(
-                    ws, request, AuthError("missing", "first message must be {type: auth}")
-                )
-            token, since = first.token, first.since
+                raise AuthError("malformed", "bad Authorization header")
+            return value.strip(), request.query.get("since") or None
+        if "token" in request.query:
+            if not self.settings.auth.query_token:
+                raise AuthError("malformed", "?token= is disabled; use the auth message")
+            return request.query["token"], request.query.get("since") or None
         try:
-            identity = await self.verifier.verify(token)
-        except AuthError as exc:
-            return await self._auth_failed(ws, request, exc)
-        return identity, since
-
-    async def _auth_failed(
-        self, ws: web.WebSocketResponse, request: web.Request, exc: AuthError
-    ) -> None:
-        metrics.AUTH_FAILURES.labels(exc.reason).inc()
-        log.info("auth failed from %s: %s", request.remote, exc)
-        if exc.reason == "expired":
-            await self._refuse(ws, request, CloseCode.TOKEN_EXPIRED, "token expired", "expired")
-        else:
-            await self._refuse(ws, request, CloseCode.UNAUTHORIZED, str(exc)[:100], "unauthorized")
-        return None
+            msg = await ws.receive(timeout=self.settings.auth.auth_timeout)
+        except TimeoutError:
+            raise AuthError("timeout", "no auth message in time") from None
+        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
+            raise _PeerGone
+        try:
+            if msg.type is not WSMsgType.TEXT:
+                raise ProtocolError("bad_message", "first message must be a text auth message")
+            first = parse_client_message(msg.data)
+        except ProtocolError as exc:
+            raise AuthError("missing", exc.message) from None
+        if not isinstance(first, Auth):
+            raise AuthError("missing", "first message must be {type: auth}")
+        return first.token, first.since
 
     # --- the session ------------------------------------------------------------------
 
@@ -365,7 +366,9 @@ class SocketServer:
             return
         identity, since = result
         if self.hub.connections_of(identity.user) >= settings.ws.max_connections_per_user:
-            await self._refuse(ws, request, CloseCode.FORBIDDEN, "too many connections", "forbidden")
+            await self._refuse(
+                ws, request, CloseCode.FORBIDDEN, "too many connections", "forbidden"
+            )
             return
         if self.draining or ws.closed:
             await self._refuse(ws, request, CloseCode.GOING_AWAY, "server going away", "overloaded")
@@ -398,7 +401,9 @@ class SocketServer:
         session.hold()
         self.hub.add(session)
         if self.routable is not None:
-            await self.routable([f"{c.kind}.{c.name}" for c in self.hub.channels_of(session) if c.name])
+            await self.routable(
+                [f"{c.kind}.{c.name}" for c in self.hub.channels_of(session) if c.name]
+            )
         if since is None:
             session.release(welcome(session.user, session.id, expires_at, heartbeat, None), [])
             return
@@ -494,7 +499,8 @@ class SocketServer:
     async def _subscribe(self, session: Session, channel: Channel, ref: Any) -> None:
         if channel.kind != "topic":
             raise ProtocolError(
-                "invalid_channel", "only topic:<name> can be subscribed; user and broadcast are implicit"
+                "invalid_channel",
+                "only topic:<name> can be subscribed; user and broadcast are implicit",
             )
         if not session.identity.topics.allows(channel.name):
             raise ProtocolError("forbidden", f"token does not allow {channel}")
@@ -529,24 +535,34 @@ class SocketServer:
         # What arrived live since this socket joined is not replayed again.
         before = session.first_live_seq
         session.hold()
-        missed = await self._replay(session, since, before if before is not None else self.hub.last_seq + 1)
+        missed = await self._replay(
+            session, since, before if before is not None else self.hub.last_seq + 1
+        )
         count = len(missed or ())
-        session.release(answer("resumed", ref, resumed=missed is not None, count=count), missed or [])
+        session.release(
+            answer("resumed", ref, resumed=missed is not None, count=count), missed or []
+        )
 
     async def _publish(self, session: Session, message: Publish) -> None:
         counter = metrics.UPSTREAM_MESSAGES
         if not session.identity.publish.allows(message.channel.name):
             counter.labels("publish", "forbidden").inc()
-            raise ProtocolError("forbidden", f"token does not allow publishing to {message.channel}", message.ref)
+            raise ProtocolError(
+                "forbidden", f"token does not allow publishing to {message.channel}", message.ref
+            )
         try:
             notification_id = await self.upstream.publish(
                 message.channel, message.event, message.data, sender=session.user
             )
         except BrokerUnavailable:
             counter.labels("publish", "broker_down").inc()
-            raise ProtocolError("broker_unavailable", "cannot publish right now; retry", message.ref) from None
+            raise ProtocolError(
+                "broker_unavailable", "cannot publish right now; retry", message.ref
+            ) from None
         counter.labels("publish", "accepted").inc()
-        session.send(answer("published", message.ref, id=notification_id, channel=str(message.channel)))
+        session.send(
+            answer("published", message.ref, id=notification_id, channel=str(message.channel))
+        )
 
     async def _send(self, session: Session, message: Send) -> None:
         counter = metrics.UPSTREAM_MESSAGES
@@ -554,7 +570,9 @@ class SocketServer:
             await self.upstream.send_upstream(session.user, session.id, message.event, message.data)
         except BrokerUnavailable:
             counter.labels("send", "broker_down").inc()
-            raise ProtocolError("broker_unavailable", "cannot send right now; retry", message.ref) from None
+            raise ProtocolError(
+                "broker_unavailable", "cannot send right now; retry", message.ref
+            ) from None
         counter.labels("send", "accepted").inc()
         session.send(answer("sent", message.ref))
 
@@ -563,7 +581,7 @@ class SocketServer:
     async def drain(self, window: float) -> None:
         """Close every socket with 1001, spread evenly over ``window`` seconds."""
         self.draining = True
-        sessions = list(self.hub)
+        sessions = [s for s in self.hub if isinstance(s, Session)]
         if not sessions:
             return
         loop = asyncio.get_running_loop()

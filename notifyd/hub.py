@@ -24,7 +24,9 @@ _DROPPED_OFFLINE = metrics.NOTIFICATIONS_DROPPED.labels("offline")
 _DROPPED_EXPIRED = metrics.NOTIFICATIONS_DROPPED.labels("expired")
 _DROPPED_DUPLICATE = metrics.NOTIFICATIONS_DROPPED.labels("duplicate")
 _DROPPED_TOKEN_EXPIRED = metrics.NOTIFICATIONS_DROPPED.labels("token_expired")
-_RECEIVED = {kind: metrics.NOTIFICATIONS_RECEIVED.labels(kind) for kind in ("user", "topic", "broadcast")}
+_RECEIVED = {
+    kind: metrics.NOTIFICATIONS_RECEIVED.labels(kind) for kind in ("user", "topic", "broadcast")
+}
 
 
 class Subscriber(Protocol):

@@ -14,13 +14,13 @@ import re
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeGuard
 
 try:  # orjson is an optional speed-up; the stdlib gives the same bytes for our payloads.
     import orjson
 
     def dumps(obj: Any) -> bytes:
-        return orjson.dumps(obj)  # type: ignore[no-any-return]
+        return orjson.dumps(obj)
 
     def loads(data: str | bytes) -> Any:
         return orjson.loads(data)
@@ -74,7 +74,7 @@ _NAME = re.compile(r"[A-Za-z0-9_@:+=~-]+(?:\.[A-Za-z0-9_@:+=~-]+)*")
 MAX_NAME_LENGTH: Final = 128
 
 
-def valid_name(value: object) -> bool:
+def valid_name(value: object) -> TypeGuard[str]:
     """Whether ``value`` may be a user id or topic name (and so part of a routing key)."""
     return (
         isinstance(value, str)

@@ -31,7 +31,9 @@ class PublishError(Exception):
     """RabbitMQ did not confirm the message."""
 
 
-def target_channel(user: str | None = None, topic: str | None = None, broadcast: bool = False) -> Channel:
+def target_channel(
+    user: str | None = None, topic: str | None = None, broadcast: bool = False
+) -> Channel:
     """The channel named by exactly one of ``user``, ``topic`` or ``broadcast``."""
     if sum((user is not None, topic is not None, broadcast)) != 1:
         raise ValueError("name exactly one of user=, topic= or broadcast=True")
@@ -71,7 +73,10 @@ class Publisher:
         return await self.connect()
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 

@@ -92,7 +92,9 @@ class StreamHistory:
         self, since: str, channels: list[Channel], before_seq: int | None = None
     ) -> list[Notification] | None:
         """Everything on ``channels`` after ``since``, oldest first, or None."""
-        future: asyncio.Future[list[Notification] | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Notification] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._pending.append(_Request(since, frozenset(channels), future))
         if self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(BATCH_WINDOW, self._start_read)

@@ -69,7 +69,11 @@ def token(user: str, ttl: float = 3600, **kwargs: Any) -> str:
 
 def settings_for(amqp_url: str, **sections: dict[str, Any]) -> Settings:
     raw: dict[str, dict[str, Any]] = {
-        "amqp": {"url": amqp_url, "replica_id": f"test-{uuid.uuid4().hex[:8]}", "queue_expires": 30},
+        "amqp": {
+            "url": amqp_url,
+            "replica_id": f"test-{uuid.uuid4().hex[:8]}",
+            "queue_expires": 30,
+        },
         "auth": {"secret": SECRET},
         "api": {"service_keys": [SERVICE_KEY]},
         "ws": {"heartbeat": 0},
@@ -100,13 +104,19 @@ class Server:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.test_server.port}/ws"
 
-    async def ws(self, auth_token: str | None = None, **kwargs: Any) -> aiohttp.ClientWebSocketResponse:
+    async def ws(
+        self, auth_token: str | None = None, **kwargs: Any
+    ) -> aiohttp.ClientWebSocketResponse:
         headers = dict(kwargs.pop("headers", {}))
         if auth_token is not None:
             headers["Authorization"] = f"Bearer {auth_token}"
-        return await self.http.ws_connect(self.ws_url, headers=headers, protocols=("notifyd.v1",), **kwargs)
+        return await self.http.ws_connect(
+            self.ws_url, headers=headers, protocols=("notifyd.v1",), **kwargs
+        )
 
-    async def connect(self, user: str, since: str | None = None, **claims: Any) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
+    async def connect(
+        self, user: str, since: str | None = None, **claims: Any
+    ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
         """An authenticated socket and its welcome message."""
         query = f"?since={since}" if since else ""
         ws = await self.http.ws_connect(
@@ -136,7 +146,9 @@ async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
     started: list[TestServer] = []
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
-    async def factory(wait_ready: bool = True, url: str | None = None, **sections: dict[str, Any]) -> Server:
+    async def factory(
+        wait_ready: bool = True, url: str | None = None, **sections: dict[str, Any]
+    ) -> Server:
         settings = settings_for(url or amqp_url, **sections)
         test_server = TestServer(create_app(settings), host="127.0.0.1")
         await test_server.start_server(**RUNNER_OPTIONS)
@@ -163,7 +175,9 @@ async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) 
     return json.loads(msg.data)
 
 
-async def receive_until(ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: float = 5) -> dict[str, Any]:
+async def receive_until(
+    ws: aiohttp.ClientWebSocketResponse, kind: str, timeout: float = 5
+) -> dict[str, Any]:
     """The next message of ``kind``, skipping others (e.g. broadcasts of other tests)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -177,7 +191,11 @@ async def expect_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) 
     deadline = time.monotonic() + timeout
     while True:
         msg = await ws.receive(timeout=max(0.01, deadline - time.monotonic()))
-        if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+        if msg.type in (
+            aiohttp.WSMsgType.CLOSE,
+            aiohttp.WSMsgType.CLOSED,
+            aiohttp.WSMsgType.CLOSING,
+        ):
             return ws.close_code if ws.close_code is not None else int(msg.data or 0)
         if msg.type == aiohttp.WSMsgType.ERROR:
             return ws.close_code or 1006

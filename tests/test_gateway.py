@@ -41,7 +41,9 @@ async def test_user_notification_reaches_every_socket_of_that_user_only(
     assert welcome["user"] == alice and welcome["session"] and welcome["expires_at"] > time.time()
     assert tab1.protocol == "notifyd.v1"
 
-    await amqp.send(f"user.{alice}", {"event": "order.shipped", "data": {"order": 7}}, message_id="m-1")
+    await amqp.send(
+        f"user.{alice}", {"event": "order.shipped", "data": {"order": 7}}, message_id="m-1"
+    )
     for ws in (tab1, tab2):
         message = await receive_until(ws, "notification")
         assert message == {
@@ -93,14 +95,22 @@ async def test_topics_need_permission_and_broadcast_reaches_everyone(
 
     await ws_outsider.send_json({"type": "subscribe", "channel": f"topic:{topic}", "ref": 1})
     refused = await receive_json(ws_outsider)
-    assert refused == {"type": "error", "code": "forbidden", "message": refused["message"], "ref": 1}
+    assert refused == {
+        "type": "error",
+        "code": "forbidden",
+        "message": refused["message"],
+        "ref": 1,
+    }
 
     await ws_reader.send_json({"type": "subscribe", "channel": "topic:sport.tennis"})
     assert await receive_json(ws_reader) == {"type": "subscribed", "channel": "topic:sport.tennis"}
     await amqp.send("topic.sport.tennis", {"data": "ace"})
     assert (await receive_until(ws_reader, "notification"))["data"] == "ace"
     await ws_reader.send_json({"type": "unsubscribe", "channel": "topic:sport.tennis"})
-    assert await receive_json(ws_reader) == {"type": "unsubscribed", "channel": "topic:sport.tennis"}
+    assert await receive_json(ws_reader) == {
+        "type": "unsubscribed",
+        "channel": "topic:sport.tennis",
+    }
     await amqp.send("topic.sport.tennis", {"data": "fault"})
     await expect_silence(ws_reader)
     await expect_silence(ws_outsider, 0.1)
@@ -111,7 +121,9 @@ async def test_topics_need_permission_and_broadcast_reaches_everyone(
         assert (message["channel"], message["event"]) == ("broadcast", "maintenance")
 
 
-async def test_another_websocket_library_speaks_the_protocol(server: Server, amqp: AmqpPublisher) -> None:
+async def test_another_websocket_library_speaks_the_protocol(
+    server: Server, amqp: AmqpPublisher
+) -> None:
     """First-message auth with the `websockets` library, as a browser would do it."""
     user = new_user()
     async with websockets.connect(server.ws_url, subprotocols=["notifyd.v1"]) as ws:  # type: ignore[list-item]
@@ -276,7 +288,9 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_lives(
     assert 'notifyd_dead_lettered_total{reason="not_json"}' in text
 
 
-async def test_duplicate_message_ids_are_delivered_once(server: Server, amqp: AmqpPublisher) -> None:
+async def test_duplicate_message_ids_are_delivered_once(
+    server: Server, amqp: AmqpPublisher
+) -> None:
     user = new_user()
     ws, _ = await server.connect(user)
     await amqp.send(f"user.{user}", {"data": 1}, message_id="dup-1")
@@ -304,7 +318,9 @@ async def test_http_publish_goes_through_rabbitmq(server: Server) -> None:
     body = {"channel": f"user:{user}", "event": "hello", "data": {"a": 1}}
     async with server.http.post(url, json=body) as response:
         assert response.status == 401
-    async with server.http.post(url, json=body, headers={"Authorization": "Bearer wrong-key-123"}) as response:
+    async with server.http.post(
+        url, json=body, headers={"Authorization": "Bearer wrong-key-123"}
+    ) as response:
         assert response.status == 401
     auth = {"Authorization": f"Bearer {SERVICE_KEY}"}
     for bad in ({"channel": "user:#", "data": 1}, {"channel": f"user:{user}"}, [1]):
@@ -315,7 +331,11 @@ async def test_http_publish_goes_through_rabbitmq(server: Server) -> None:
         assert response.status == 202
         published = await response.json()
     message = await receive_until(ws, "notification")
-    assert (message["id"], message["event"], message["data"]) == (published["id"], "hello", {"a": 1})
+    assert (message["id"], message["event"], message["data"]) == (
+        published["id"],
+        "hello",
+        {"a": 1},
+    )
 
 
 async def test_health_readiness_and_metrics(server: Server) -> None:
@@ -324,7 +344,7 @@ async def test_health_readiness_and_metrics(server: Server) -> None:
     async with server.http.get(server.base + "/readyz") as response:
         assert response.status == 200
         assert await response.json() == {"ready": True, "broker": True, "draining": False}
-    ws, _ = await server.connect(new_user())
+    _connected = await server.connect(new_user())
     async with server.http.get(server.base + "/metrics") as response:
         text = await response.text()
     for name in (
@@ -350,7 +370,16 @@ async def test_publisher_helper_confirms_and_cli_token(server: Server, amqp_url:
     assert (message["id"], message["data"]) == (notification_id, {"k": "v"})
 
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "notifyd", "token", "--user", user, "--secret", SECRET, "--topics", "a,b",
+        sys.executable,
+        "-m",
+        "notifyd",
+        "token",
+        "--user",
+        user,
+        "--secret",
+        SECRET,
+        "--topics",
+        "a,b",
         stdout=asyncio.subprocess.PIPE,
     )
     out, _ = await process.communicate()

@@ -33,7 +33,9 @@ async def test_refresh_required_then_4010_without_refresh(make_server: ServerFac
     assert await expect_close(ws, timeout=4) == 4010
 
 
-async def test_nothing_is_delivered_after_expiry(make_server: ServerFactory, amqp: AmqpPublisher) -> None:
+async def test_nothing_is_delivered_after_expiry(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
     server = await make_server(ws={"refresh_before": 0, "heartbeat": 0}, auth={"leeway": 0})
     user = new_user()
     ws, _ = await server.connect(user, ttl=1)
@@ -49,7 +51,9 @@ async def test_nothing_is_delivered_after_expiry(make_server: ServerFactory, amq
     assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 4010)
 
 
-async def test_refresh_swaps_the_token_in_place(make_server: ServerFactory, amqp: AmqpPublisher) -> None:
+async def test_refresh_swaps_the_token_in_place(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
     server = await make_server(ws={"refresh_before": 1.0, "heartbeat": 0}, auth={"leeway": 0})
     user = new_user()
     ws, _ = await server.connect(user, ttl=2)
@@ -75,7 +79,9 @@ async def test_invalid_refresh_token_is_an_error_not_a_close(server: Server) -> 
     assert (answer["type"], answer["code"], answer["ref"]) == ("error", "invalid_token", "r1")
 
 
-async def test_backend_disconnects_a_user_and_revokes_a_token(server: Server, amqp: AmqpPublisher) -> None:
+async def test_backend_disconnects_a_user_and_revokes_a_token(
+    server: Server, amqp: AmqpPublisher
+) -> None:
     user, other = new_user(), new_user()
     ws1, _ = await server.connect(user)
     ws2, _ = await server.connect(other, jti="token-42")
@@ -149,14 +155,27 @@ async def test_client_publish_to_a_topic_needs_the_publish_claim(server: Server)
     ws_eve, _ = await server.connect(eve, topics=[room])
 
     await ws_alice.send_json(
-        {"type": "publish", "channel": f"topic:{room}", "event": "chat", "data": {"text": "hi"}, "ref": 7}
+        {
+            "type": "publish",
+            "channel": f"topic:{room}",
+            "event": "chat",
+            "data": {"text": "hi"},
+            "ref": 7,
+        }
     )
     # The sender gets both its answer and the notification, in either order.
     answers = {m["type"]: m for m in [await receive_json(ws_alice), await receive_json(ws_alice)]}
     ack = answers["published"]
     assert ack["ref"] == 7 and ack["channel"] == f"topic:{room}" and ack["id"]
-    for message in (answers["notification"], *[await receive_until(ws, "notification") for ws in (ws_bob, ws_eve)]):
-        assert message["from"] == alice and message["data"] == {"text": "hi"} and message["id"] == ack["id"]
+    for message in (
+        answers["notification"],
+        *[await receive_until(ws, "notification") for ws in (ws_bob, ws_eve)],
+    ):
+        assert (
+            message["from"] == alice
+            and message["data"] == {"text": "hi"}
+            and message["id"] == ack["id"]
+        )
 
     # Eve may read but not publish; a forged "from" is ignored.
     await ws_eve.send_json(
@@ -167,16 +186,28 @@ async def test_client_publish_to_a_topic_needs_the_publish_claim(server: Server)
     await expect_silence(ws_bob, 0.3)
 
 
-async def test_send_reaches_backends_with_the_server_stamped_user(server: Server, amqp_url: str) -> None:
+async def test_send_reaches_backends_with_the_server_stamped_user(
+    server: Server, amqp_url: str
+) -> None:
     user = new_user()
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
-    upstream = await channel.declare_exchange("notifyd.upstream", aio_pika.ExchangeType.TOPIC, durable=True)
+    upstream = await channel.declare_exchange(
+        "notifyd.upstream", aio_pika.ExchangeType.TOPIC, durable=True
+    )
     queue = await channel.declare_queue(exclusive=True)
     await queue.bind(upstream, f"user.{user}")
 
     ws, welcome = await server.connect(user)
-    await ws.send_json({"type": "send", "event": "position", "data": {"lat": 1.5, "lng": 2.5}, "user": "mallory", "ref": 1})
+    await ws.send_json(
+        {
+            "type": "send",
+            "event": "position",
+            "data": {"lat": 1.5, "lng": 2.5},
+            "user": "mallory",
+            "ref": 1,
+        }
+    )
     assert await receive_until(ws, "sent") == {"type": "sent", "ref": 1}
     message = await queue.get(timeout=5)
     body = json.loads(message.body)
