@@ -54,6 +54,10 @@ class _PeerGone(Exception):
     """The client went away before authenticating."""
 
 
+class _NotProtocol(Exception):
+    """The first frame is not a notifyd.v1 message at all."""
+
+
 class BrokerUnavailable(Exception):
     """RabbitMQ cannot take a message right now (disconnected, or no confirm)."""
 
@@ -229,21 +233,25 @@ def _frame_id(frame: bytes) -> str | None:
 async def close_socket(
     ws: web.WebSocketResponse, transport: Any, code: int, reason: str, grace: float
 ) -> None:
-    """Close with ``code``; a peer that does not answer within ``grace`` is cut off.
+    """Close with ``code``; a peer that has not taken it within ``grace`` is cut off.
 
-    Aborting (not closing) the transport matters for a peer that stopped reading:
-    a plain close would keep its unsent buffer, and the socket, forever.
+    A closed transport keeps flushing its buffer, and for a peer that stopped
+    reading it would do so forever, holding the socket and its memory: once the
+    grace period is over whatever is left is aborted.
     """
     metrics.CLOSES.labels(str(code)).inc()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
     try:
         await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), grace)
     except (TimeoutError, ConnectionError, RuntimeError):
         pass
-    finally:
-        if (transport is not None and not transport.is_closing()) or (
-            transport is not None and transport.get_write_buffer_size()
-        ):
-            transport.abort()
+    if transport is None:
+        return
+    while transport.get_write_buffer_size() and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if transport.get_write_buffer_size() or not transport.is_closing():
+        transport.abort()
 
 
 class SocketServer:
@@ -311,6 +319,10 @@ class SocketServer:
             return await self.verifier.verify(token), since
         except _PeerGone:
             return None
+        except _NotProtocol as exc:
+            log.info("protocol error from %s: %s", request.remote, exc)
+            await self._refuse(ws, request, CloseCode.PROTOCOL_ERROR, str(exc), "protocol_error")
+            return None
         except AuthError as exc:
             metrics.AUTH_FAILURES.labels(exc.reason).inc()
             log.info("auth failed from %s: %s", request.remote, exc)
@@ -344,12 +356,12 @@ class SocketServer:
             raise AuthError("timeout", "no auth message in time") from None
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             raise _PeerGone
+        if msg.type is not WSMsgType.TEXT:
+            raise _NotProtocol("first message must be a JSON text frame")
         try:
-            if msg.type is not WSMsgType.TEXT:
-                raise ProtocolError("bad_message", "first message must be a text auth message")
             first = parse_client_message(msg.data)
         except ProtocolError as exc:
-            raise AuthError("missing", exc.message) from None
+            raise _NotProtocol(exc.message) from None
         if not isinstance(first, Auth):
             raise AuthError("missing", "first message must be {type: auth}")
         return first.token, first.since

@@ -159,10 +159,30 @@ async def test_bad_tokens_are_closed_with_their_code(server: Server, make_token,
 async def test_first_message_must_be_auth(server: Server) -> None:
     ws = await server.ws()
     await ws.send_json({"type": "ping"})
-    assert await expect_close(ws) == 4001
+    assert await expect_close(ws) == 4001  # a valid message, but no token
     ws = await server.ws()
     await ws.send_str("{nonsense")
-    assert await expect_close(ws) == 4001
+    assert await expect_close(ws) == 4000  # not the protocol at all
+    ws = await server.ws()
+    await ws.send_bytes(b"\x00")
+    assert await expect_close(ws) == 4000
+
+
+async def test_an_internal_error_closes_1011_and_the_server_lives(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A bug cannot be produced for real: a handler is made to fail on purpose.
+    async def broken(session: object, message: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    victim, _ = await server.connect(new_user())
+    monkeypatch.setattr(server.gateway.sockets, "_handle", broken)
+    await victim.send_json({"type": "ping"})
+    assert await expect_close(victim) == 1011
+    monkeypatch.undo()
+    ws, _ = await server.connect(new_user())
+    await ws.send_json({"type": "ping"})
+    assert await receive_json(ws) == {"type": "pong"}
 
 
 async def test_auth_timeout_closes_4008(make_server: ServerFactory) -> None:

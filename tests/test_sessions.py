@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from typing import Any
 
 import aio_pika
 import aiohttp
+
+from notifyd import metrics
 
 from .conftest import (
     AmqpPublisher,
@@ -275,3 +278,53 @@ async def test_resume_message_mid_session(server: Server, amqp: AmqpPublisher) -
     answer = await receive_until(ws, "resumed")
     assert answer == {"type": "resumed", "resumed": True, "count": 1, "ref": "x"}
     assert (await receive_until(ws, "notification"))["data"] == 2
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One unmasked server frame: (opcode, payload)."""
+    head = await reader.readexactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = int.from_bytes(await reader.readexactly(2), "big")
+    elif length == 127:
+        length = int.from_bytes(await reader.readexactly(8), "big")
+    return head[0] & 0x0F, await reader.readexactly(length)
+
+
+async def test_a_stalled_client_that_reads_again_sees_4009(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
+    server = await make_server(ws={"send_buffer_bytes": 64 * 1024, "heartbeat": 0})
+    user = new_user()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # little kernel buffering
+    sock.connect(("127.0.0.1", server.test_server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        (
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token(user)}\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    before = len(server.gateway.hub)
+    overflows = metrics.SLOW_CONSUMER_DISCONNECTS._value.get()
+    publisher = asyncio.create_task(
+        _publish_many(amqp, f"user.{user}", {"data": "y" * 20_000}, 300)
+    )
+    for _ in range(400):
+        if metrics.SLOW_CONSUMER_DISCONNECTS._value.get() > overflows:
+            break
+        await asyncio.sleep(0.01)
+    else:
+        raise AssertionError("the stalled socket never overflowed")
+    # Read again within the close grace period: the frames, then a 4009 close.
+    opcode, payload = await _read_frame(reader)
+    while opcode != 0x8:
+        opcode, payload = await asyncio.wait_for(_read_frame(reader), 5)
+    assert int.from_bytes(payload[:2], "big") == 4009
+    assert before >= 1
+    await publisher
+    writer.close()
