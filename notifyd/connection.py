@@ -10,6 +10,7 @@ and answered here; nothing a client sends can reach another user's channel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -242,10 +243,8 @@ async def close_socket(
     metrics.CLOSES.labels(str(code)).inc()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
-    try:
+    with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
         await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), grace)
-    except (TimeoutError, ConnectionError, RuntimeError):
-        pass
     if transport is None:
         return
     while transport.get_write_buffer_size() and loop.time() < deadline:

@@ -15,7 +15,6 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
-
 from notifyd.devbroker import RabbitNode
 
 from .conftest import (
@@ -62,13 +61,7 @@ async def _publish_reliably(url: str, routing_key: str, ids: list[str]) -> None:
                 )
             )
             del pending[: len(batch)]
-        except (
-            aio_pika.exceptions.AMQPError,
-            ConnectionError,
-            OSError,
-            RuntimeError,
-            asyncio.TimeoutError,
-        ):
+        except (TimeoutError, aio_pika.exceptions.AMQPError, OSError, RuntimeError):
             connection = None
             await asyncio.sleep(0.3)
     if connection is not None:
