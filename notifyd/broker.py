@@ -56,6 +56,8 @@ RECEIPTS_EXCHANGE = "notifyd.receipts"
 #: Keys every replica consumes regardless of who is online.
 ALWAYS_BOUND = ("broadcast", CONTROL_ROUTING_KEY)
 
+#: Seconds between batched acks (well inside what ``prefetch`` lets RabbitMQ send).
+ACK_INTERVAL = 0.01
 _BIND_BATCH = 5000
 #: Queue.Unbind has no no-wait flag, so each costs a round-trip: take few at a time
 #: so that binds (which a connecting socket waits for) are never stuck behind them.
@@ -350,8 +352,10 @@ class Broker:
     def _ack(self, tag: int) -> None:
         self._ack_tag = tag
         if not self._ack_scheduled:
+            # One ack (multiple=True) per interval instead of one write per message;
+            # a crash re-delivers at most this window, which dedupe drops by id.
             self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+            asyncio.get_running_loop().call_later(ACK_INTERVAL, self._flush_acks)
 
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
