@@ -41,6 +41,7 @@ from .protocol import (
     Disconnect,
     Notification,
     ProtocolError,
+    ResumePoint,
     Revoke,
     loads,
     parse_channel,
@@ -121,11 +122,11 @@ class Gateway:
             log.info("control: revoked %d token ids (%d sockets here)", len(revoked), closed)
 
     async def _replay_memory(
-        self, since: str, channels: list[Channel], before_seq: int | None
+        self, since: ResumePoint, channels: list[Channel], before_seq: int | None
     ) -> list[Notification] | None:
         assert self.history is not None
         self.history.expire(time.time())
-        return self.history.replay(since, channels, before_seq)
+        return self.history.replay(since.id, channels, before_seq)
 
     # --- lifecycle --------------------------------------------------------------------
 

@@ -34,12 +34,14 @@ from .protocol import (
     Publish,
     Refresh,
     Resume,
+    ResumePoint,
     Send,
     Subscribe,
     Unsubscribe,
     answer,
     error,
     parse_client_message,
+    resume_point,
     text_frame,
     welcome,
 )
@@ -76,7 +78,7 @@ class Upstream(Protocol):
 
 
 #: Replays everything after ``since`` on ``channels`` (oldest first) or None.
-Replayer = Callable[[str, list[Channel], int | None], Awaitable[list[Notification] | None]]
+Replayer = Callable[[ResumePoint, list[Channel], int | None], Awaitable[list[Notification] | None]]
 
 
 class TokenBucket:
@@ -311,7 +313,7 @@ class SocketServer:
 
     async def _authenticate(
         self, ws: web.WebSocketResponse, request: web.Request
-    ) -> tuple[Identity, str | None] | None:
+    ) -> tuple[Identity, ResumePoint | None] | None:
         """The socket's identity and resume point, or None after closing it."""
         try:
             token, since = await self._credentials(ws, request)
@@ -335,20 +337,27 @@ class SocketServer:
                 )
             return None
 
+    @staticmethod
+    def _query_resume_point(request: web.Request) -> ResumePoint | None:
+        try:
+            return resume_point(request.query.get("since") or None, request.query.get("since_ts"))
+        except ProtocolError as exc:
+            raise _NotProtocol(exc.message) from None
+
     async def _credentials(
         self, ws: web.WebSocketResponse, request: web.Request
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, ResumePoint | None]:
         """The token and resume point, from the header, the query or the first message."""
         header = request.headers.get("Authorization", "")
         if header:
             scheme, _, value = header.partition(" ")
             if scheme.lower() != "bearer" or not value.strip():
                 raise AuthError("malformed", "bad Authorization header")
-            return value.strip(), request.query.get("since") or None
+            return value.strip(), self._query_resume_point(request)
         if "token" in request.query:
             if not self.settings.auth.query_token:
                 raise AuthError("malformed", "?token= is disabled; use the auth message")
-            return request.query["token"], request.query.get("since") or None
+            return request.query["token"], self._query_resume_point(request)
         try:
             msg = await ws.receive(timeout=self.settings.auth.auth_timeout)
         except TimeoutError:
@@ -402,7 +411,7 @@ class SocketServer:
             if session._close_task is not None:
                 await asyncio.shield(session._close_task)
 
-    async def _start(self, session: Session, since: str | None) -> None:
+    async def _start(self, session: Session, since: ResumePoint | None) -> None:
         """Join the hub and say welcome, replaying what was missed when asked to."""
         expires_at = int(session.identity.expires_at)
         heartbeat = self.settings.ws.heartbeat
@@ -425,7 +434,7 @@ class SocketServer:
         )
 
     async def _replay(
-        self, session: Session, since: str, before_seq: int | None
+        self, session: Session, since: ResumePoint, before_seq: int | None
     ) -> list[Notification] | None:
         if self.replay is None:
             metrics.RESUMES.labels("unavailable").inc()
@@ -542,7 +551,7 @@ class SocketServer:
         self._schedule_expiry(session)
         session.send(answer("refreshed", expires_at=int(identity.expires_at)))
 
-    async def _resume(self, session: Session, since: str, ref: Any) -> None:
+    async def _resume(self, session: Session, since: ResumePoint, ref: Any) -> None:
         # What arrived live since this socket joined is not replayed again.
         before = session.first_live_seq
         session.hold()

@@ -174,9 +174,21 @@ def id_timestamp_ms(notification_id: str) -> int | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """The last notification a client saw: its id, and optionally its ``ts``.
+
+    ``ts`` (unix ms, from the notification) lets a shared history start reading
+    near the gap even when the id carries no time (a publisher's own message_id).
+    """
+
+    id: str
+    ts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Auth:
     token: str
-    since: str | None = None
+    since: ResumePoint | None = None
     ref: Any = None
 
 
@@ -200,7 +212,7 @@ class Unsubscribe:
 
 @dataclass(frozen=True, slots=True)
 class Resume:
-    since: str
+    since: ResumePoint
     ref: Any = None
 
 
@@ -263,13 +275,27 @@ def valid_event(value: object) -> bool:
     )
 
 
-def _since(msg: dict[str, Any], ref: Any) -> str | None:
-    value = msg.get("since")
-    if value is None:
+def resume_point(since: object, since_ts: object = None) -> ResumePoint | None:
+    """Validate ``since`` (a notification id) and ``since_ts`` (its ts, unix ms)."""
+    if since is None:
         return None
-    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH:
-        raise ProtocolError("bad_message", "'since' must be a notification id", ref)
-    return value
+    if not isinstance(since, str) or not since or len(since) > MAX_ID_LENGTH:
+        raise ProtocolError("bad_message", "'since' must be a notification id")
+    if isinstance(since_ts, str) and since_ts.isdigit():
+        since_ts = int(since_ts)
+    if since_ts is not None and (
+        not isinstance(since_ts, int) or isinstance(since_ts, bool) or since_ts < 0
+    ):
+        raise ProtocolError("bad_message", "'since_ts' must be the notification's ts (unix ms)")
+    return ResumePoint(since, since_ts)
+
+
+def _since(msg: dict[str, Any], ref: Any) -> ResumePoint | None:
+    try:
+        return resume_point(msg.get("since"), msg.get("since_ts"))
+    except ProtocolError as exc:
+        exc.ref = ref
+        raise
 
 
 def parse_client_message(text: str | bytes) -> ClientMessage:

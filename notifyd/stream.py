@@ -29,6 +29,7 @@ from .protocol import (
     IdGenerator,
     InvalidMessage,
     Notification,
+    ResumePoint,
     decode_notification,
     id_timestamp_ms,
 )
@@ -48,7 +49,7 @@ READ_TIMEOUT = 15.0
 
 @dataclass(eq=False)
 class _Request:
-    since: str
+    since: ResumePoint
     channels: frozenset[Channel]
     future: asyncio.Future[list[Notification] | None]
     found: bool = False
@@ -89,7 +90,7 @@ class StreamHistory:
             await channel.close()
 
     async def replay(
-        self, since: str, channels: list[Channel], before_seq: int | None = None
+        self, since: ResumePoint, channels: list[Channel], before_seq: int | None = None
     ) -> list[Notification] | None:
         """Everything on ``channels`` after ``since``, oldest first, or None."""
         future: asyncio.Future[list[Notification] | None] = (
@@ -112,7 +113,12 @@ class StreamHistory:
         oldest = now - self.settings.max_age
         starts = []
         for request in batch:
-            ms = id_timestamp_ms(request.since)
+            # Without a time for the resume point the whole window must be read.
+            ms = (
+                request.since.ts
+                if request.since.ts is not None
+                else id_timestamp_ms(request.since.id)
+            )
             starts.append(oldest if ms is None else max(oldest, ms / 1000 - SKEW_MARGIN))
         return dt.datetime.fromtimestamp(min(starts), tz=dt.UTC)
 
@@ -168,7 +174,7 @@ class StreamHistory:
                         notification.expires_at is None or notification.expires_at > now
                     ):
                         request.missed.append(notification)
-                elif notification.id == request.since:
+                elif notification.id == request.since.id:
                     request.found = True
 
         async def on_message(message: Any) -> None:

@@ -115,10 +115,12 @@ class Server:
         )
 
     async def connect(
-        self, user: str, since: str | None = None, **claims: Any
+        self, user: str, since: str | None = None, since_ts: int | None = None, **claims: Any
     ) -> tuple[aiohttp.ClientWebSocketResponse, dict[str, Any]]:
         """An authenticated socket and its welcome message."""
         query = f"?since={since}" if since else ""
+        if since_ts is not None:
+            query += f"&since_ts={since_ts}"
         ws = await self.http.ws_connect(
             self.ws_url + query,
             headers={"Authorization": f"Bearer {token(user, **claims)}"},

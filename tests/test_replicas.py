@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from .conftest import (
     AmqpPublisher,
@@ -67,7 +68,7 @@ async def test_resume_on_another_replica_from_the_shared_stream(
         await amqp.send(f"user.{user}", {"data": n}, message_id=f"{user}-{n}")
     await asyncio.sleep(0.2)
 
-    ws, welcome = await replica_b.connect(user, since=last["id"])
+    ws, welcome = await replica_b.connect(user, since=last["id"], since_ts=last["ts"])
     assert welcome["resumed"] is True
     await amqp.send(f"user.{user}", {"data": 11}, message_id=f"{user}-11")
     got = [(await receive_until(ws, "notification"))["data"] for _ in range(11)]
@@ -82,6 +83,7 @@ async def test_resume_storm_is_served_by_few_stream_reads(
 
     server = await make_server(history={"backend": "stream"})
     marker = new_user()
+    marked_at = int(time.time() * 1000)
     await amqp.send(f"user.{marker}", {"data": "x"}, message_id=f"{marker}-since")
     users = [new_user() for _ in range(200)]
     for user in users:
@@ -89,7 +91,9 @@ async def test_resume_storm_is_served_by_few_stream_reads(
     await asyncio.sleep(0.2)
     reads_before = metrics.HISTORY_READS._value.get()
     # 200 sockets resume at once from a point before their missed notification.
-    results = await asyncio.gather(*(server.connect(u, since=f"{marker}-since") for u in users))
+    results = await asyncio.gather(
+        *(server.connect(u, since=f"{marker}-since", since_ts=marked_at) for u in users)
+    )
     for user, (ws, welcome) in zip(users, results, strict=True):
         assert welcome["resumed"] is True
         message = await receive_until(ws, "notification")
@@ -102,7 +106,9 @@ async def test_unknown_resume_point_on_the_stream_is_not_resumed(
     make_server: ServerFactory,
 ) -> None:
     server = await make_server(history={"backend": "stream"})
-    ws, welcome = await server.connect(new_user(), since="never-published-id")
+    ws, welcome = await server.connect(
+        new_user(), since="never-published-id", since_ts=int(time.time() * 1000)
+    )
     assert welcome["resumed"] is False
     await ws.send_json({"type": "ping"})
     assert await receive_json(ws) == {"type": "pong"}
