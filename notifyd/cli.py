@@ -108,6 +108,37 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upstream(args: argparse.Namespace) -> int:
+    """Print what clients ``send`` as JSON lines: the example backend consumer."""
+    import aio_pika
+
+    from .broker import UPSTREAM_EXCHANGE
+
+    url = args.amqp_url or _settings(args).amqp.url
+
+    async def main() -> None:
+        connection = await aio_pika.connect(url)
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.declare_exchange(
+                UPSTREAM_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            )
+            queue = await channel.declare_queue(exclusive=True)
+            await queue.bind(exchange, f"user.{args.user}" if args.user else "user.*")
+            print(f"listening on {UPSTREAM_EXCHANGE} (Ctrl-C to stop)", file=sys.stderr)
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    async with message.process():
+                        print(message.body.decode(errors="replace"), flush=True)
+
+    try:
+        asyncio.run(main())
+    except OSError as exc:
+        print(f"notifyd upstream: cannot reach RabbitMQ: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _dev_broker(args: argparse.Namespace) -> int:
     from .devbroker import main
 
@@ -158,6 +189,13 @@ def parser() -> argparse.ArgumentParser:
     token.add_argument("--jti", help="token id (for revocation)")
     token.add_argument("--secret", help="HS secret (default: [auth] secret)")
     token.set_defaults(func=_token)
+
+    upstream = with_config(
+        commands.add_parser("upstream", help="print what clients send (JSON lines)")
+    )
+    upstream.add_argument("--user", help="only this user (default: everyone)")
+    upstream.add_argument("--amqp-url", help="[amqp] url")
+    upstream.set_defaults(func=_upstream)
 
     check = with_config(commands.add_parser("check-config", help="validate and print the settings"))
     check.set_defaults(func=_check_config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import sys
 import time
 from typing import Any
 
@@ -328,3 +329,63 @@ async def test_a_stalled_client_that_reads_again_sees_4009(
     assert before >= 1
     await publisher
     writer.close()
+
+
+async def test_delivery_receipts_and_acks(
+    server: Server, amqp: AmqpPublisher, amqp_url: str
+) -> None:
+    user, offline = new_user(), new_user()
+    connection = await aio_pika.connect(amqp_url)
+    channel = await connection.channel()
+    receipts = await channel.declare_exchange(
+        "notifyd.receipts", aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(receipts, f"user.{user}")
+    await queue.bind(receipts, "broadcast")
+
+    ws1, _ = await server.connect(user)
+    ws2, _ = await server.connect(user)
+    await amqp.send(
+        f"user.{user}", {"data": 1}, message_id=f"{user}-r", headers={"notifyd-receipt": True}
+    )
+    await amqp.send(f"user.{offline}", {"data": 2}, headers={"notifyd-receipt": True})
+    receipt = json.loads((await queue.get(timeout=5)).body)
+    assert (receipt["id"], receipt["delivered"], receipt["online"]) == (f"{user}-r", 2, True)
+    assert receipt["channel"] == f"user:{user}"
+
+    acks_before = metrics.ACKS._value.get()
+    for ws in (ws1, ws2):
+        notification = await receive_until(ws, "notification")
+        await ws.send_json({"type": "ack", "id": notification["id"]})
+    await ws1.send_json({"type": "ping"})
+    await receive_until(ws1, "pong")
+    await ws2.send_json({"type": "ping"})
+    await receive_until(ws2, "pong")
+    assert metrics.ACKS._value.get() - acks_before == 2
+    await connection.close()
+
+
+async def test_upstream_cli_prints_what_clients_send(server: Server, amqp_url: str) -> None:
+    user = new_user()
+    tail = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "notifyd", "upstream", "--user", user, "--amqp-url", amqp_url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert tail.stderr is not None and tail.stdout is not None
+        assert b"listening" in await asyncio.wait_for(tail.stderr.readline(), 15)
+        ws, _ = await server.connect(user)
+        await ws.send_json(
+            {"type": "send", "event": "position", "data": {"lat": 48.85, "lng": 2.35}}
+        )
+        await receive_until(ws, "sent")
+        line = json.loads(await asyncio.wait_for(tail.stdout.readline(), 10))
+        assert (line["user"], line["event"], line["data"]) == (
+            user,
+            "position",
+            {"lat": 48.85, "lng": 2.35},
+        )
+    finally:
+        tail.terminate()
+        await tail.wait()
