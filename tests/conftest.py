@@ -35,16 +35,17 @@ _users = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def rabbit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitNode]:
+def rabbit() -> Iterator[RabbitNode]:
     """One private RabbitMQ node for the whole run (tests that restart it share it)."""
     from notifyd.devbroker import RabbitNode
 
-    node = RabbitNode(base_dir=tmp_path_factory.mktemp("rabbitmq"))
+    # Its own temporary directory: pytest's are not searchable by the rabbitmq user.
+    node = RabbitNode()
     node.start()
     try:
         yield node
     finally:
-        node.stop()
+        node.cleanup()
 
 
 @pytest.fixture

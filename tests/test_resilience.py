@@ -9,7 +9,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -82,9 +81,9 @@ async def _collect(ws: aiohttp.ClientWebSocketResponse, count: int, timeout: flo
 
 
 async def test_broker_down_at_start_serves_not_ready_then_recovers(
-    make_server: ServerFactory, tmp_path: Path
+    make_server: ServerFactory,
 ) -> None:
-    node = RabbitNode(base_dir=tmp_path / "late", amqp_port=free_port())
+    node = RabbitNode(amqp_port=free_port())
     server = await make_server(wait_ready=False, url=node.amqp_url, amqp={"reconnect_max": 1.0})
     async with server.http.get(server.base + "/healthz") as response:
         assert response.status == 200
@@ -108,7 +107,7 @@ async def test_broker_down_at_start_serves_not_ready_then_recovers(
         assert (await receive_until(ws, "notification", timeout=10))["data"] == "after start"
         await connection.close()
     finally:
-        await asyncio.to_thread(node.stop)
+        await asyncio.to_thread(node.cleanup)
 
 
 async def test_broker_restart_mid_traffic_delivers_each_exactly_once(
