@@ -109,10 +109,10 @@ class RabbitNode:
         cookie.chmod(0o400)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq.conf").write_text(
-            "listeners.tcp.1 = 127.0.0.1:{}\n"
+            f"listeners.tcp.1 = 127.0.0.1:{self.amqp_port}\n"
             "loopback_users.guest = true\n"
             "log.console = false\n"
-            "log.file.level = warning\n".format(self.amqp_port)
+            "log.file.level = warning\n"
         )
         (base / "advanced.config").write_text("[].\n")
         (base / "rabbitmq-env.conf").write_text("")
@@ -201,10 +201,8 @@ class RabbitNode:
             return
         with contextlib.suppress(BrokerError, subprocess.TimeoutExpired):
             self.ctl("stop", timeout=timeout)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
         self.kill()
         for _ in range(50):  # the port must be free before a restart on the same one
             if not _port_open(self.amqp_port):

@@ -14,6 +14,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 import pytest
+
 from notifyd.devbroker import RabbitNode
 
 from .conftest import (
