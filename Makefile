@@ -1,0 +1,81 @@
+# notifyd: the two commands a newcomer needs are `make run` and `make test`.
+# Both install what they need on Debian/Ubuntu (apt as root, or through sudo).
+
+PYTHON ?= python3
+LINTED := notifyd tests $(wildcard benchmarks)
+VENV := .venv
+BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := rabbitmq-server
+TEST_APT_PACKAGES := rabbitmq-server chromium
+# The local broker `make run` starts (a private node, not a system service).
+DEV_AMQP_PORT ?= 5672
+DEV_PORT ?= 8080
+
+.PHONY: help setup setup-test run test lint format bench clean
+
+help:
+	@echo "make run    - local RabbitMQ + notifyd with the demo at http://127.0.0.1:$(DEV_PORT)/demo"
+	@echo "make test   - ruff, mypy and the whole test suite (real RabbitMQ, headless Chromium)"
+	@echo "make bench  - benchmarks against baselines (see benchmarks/README.md)"
+
+# Debian packages, installed only when missing. policy-rc.d keeps the package from
+# starting a system RabbitMQ: notifyd's tests and `make run` start private nodes.
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  printf '#!/bin/sh\nexit 101\n' | $(SUDO) tee /usr/sbin/policy-rc.d >/dev/null; \
+	  $(SUDO) chmod +x /usr/sbin/policy-rc.d; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	  status=$$?; $(SUDO) rm -f /usr/sbin/policy-rc.d; exit $$status; \
+	fi
+endef
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "notifyd needs Python >= 3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,speedups]'
+	touch $@
+
+setup: $(BIN)/.installed
+	$(call apt_install,$(APT_PACKAGES))
+
+setup-test: $(BIN)/.installed
+	$(call apt_install,$(TEST_APT_PACKAGES))
+
+run: setup
+	@set -e; mkdir -p .run; \
+	$(BIN)/notifyd dev-broker --dir "$$(mktemp -d /tmp/notifyd-dev-XXXXXX)" --port $(DEV_AMQP_PORT) & broker=$$!; \
+	trap 'kill $$broker 2>/dev/null; wait $$broker 2>/dev/null' EXIT INT TERM; \
+	for i in $$(seq 1 120); do \
+	  $(PYTHON) -c 'import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(("127.0.0.1",$(DEV_AMQP_PORT))))' && break; \
+	  kill -0 $$broker 2>/dev/null || exit 1; sleep 0.5; \
+	done; \
+	sleep 2; \
+	echo; echo "  open http://127.0.0.1:$(DEV_PORT)/demo   (Ctrl-C stops notifyd and RabbitMQ)"; echo; \
+	NOTIFYD_AMQP_URL=amqp://guest:guest@127.0.0.1:$(DEV_AMQP_PORT)/ \
+	NOTIFYD_AUTH_SECRET=dev-secret-change-me-dev-secret-change-me \
+	NOTIFYD_API_SERVICE_KEYS=dev-service-key \
+	$(BIN)/notifyd serve --demo --port $(DEV_PORT)
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+	$(BIN)/mypy
+
+test: setup-test lint
+	$(BIN)/pytest -q
+
+format: $(BIN)/.installed
+	$(BIN)/ruff format $(LINTED)
+	$(BIN)/ruff check --fix $(LINTED)
+
+bench: setup
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) .run .mypy_cache .ruff_cache .pytest_cache tests/artifacts
