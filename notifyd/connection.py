@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -48,6 +48,7 @@ from .protocol import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 _SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
 #: Seconds after a resume during which live copies of replayed ids are dropped.
 SKIP_WINDOW = 10.0
@@ -221,6 +222,17 @@ class Session:
             timer.cancel()
         self._timers.clear()
         self._skip = frozenset()
+
+
+async def _through_broker(kind: str, ref: Any, publishing: Awaitable[T]) -> T:
+    """Await a client's publish/send; a broker outage becomes an error to the client."""
+    try:
+        result = await publishing
+    except BrokerUnavailable:
+        metrics.UPSTREAM_MESSAGES.labels(kind, "broker_down").inc()
+        raise ProtocolError("broker_unavailable", f"cannot {kind} right now; retry", ref) from None
+    metrics.UPSTREAM_MESSAGES.labels(kind, "accepted").inc()
+    return result
 
 
 def _frame_id(frame: bytes) -> str | None:
@@ -564,36 +576,28 @@ class SocketServer:
         )
 
     async def _publish(self, session: Session, message: Publish) -> None:
-        counter = metrics.UPSTREAM_MESSAGES
         if not session.identity.publish.allows(message.channel.name):
-            counter.labels("publish", "forbidden").inc()
+            metrics.UPSTREAM_MESSAGES.labels("publish", "forbidden").inc()
             raise ProtocolError(
                 "forbidden", f"token does not allow publishing to {message.channel}", message.ref
             )
-        try:
-            notification_id = await self.upstream.publish(
+        notification_id = await _through_broker(
+            "publish",
+            message.ref,
+            self.upstream.publish(
                 message.channel, message.event, message.data, sender=session.user
-            )
-        except BrokerUnavailable:
-            counter.labels("publish", "broker_down").inc()
-            raise ProtocolError(
-                "broker_unavailable", "cannot publish right now; retry", message.ref
-            ) from None
-        counter.labels("publish", "accepted").inc()
+            ),
+        )
         session.send(
             answer("published", message.ref, id=notification_id, channel=str(message.channel))
         )
 
     async def _send(self, session: Session, message: Send) -> None:
-        counter = metrics.UPSTREAM_MESSAGES
-        try:
-            await self.upstream.send_upstream(session.user, session.id, message.event, message.data)
-        except BrokerUnavailable:
-            counter.labels("send", "broker_down").inc()
-            raise ProtocolError(
-                "broker_unavailable", "cannot send right now; retry", message.ref
-            ) from None
-        counter.labels("send", "accepted").inc()
+        await _through_broker(
+            "send",
+            message.ref,
+            self.upstream.send_upstream(session.user, session.id, message.event, message.data),
+        )
         session.send(answer("sent", message.ref))
 
     # --- shutdown ---------------------------------------------------------------------

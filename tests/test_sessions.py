@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from .conftest import (
     expect_close,
     expect_silence,
     new_user,
+    raw_upgrade,
     receive_json,
     receive_until,
     token,
@@ -109,15 +109,7 @@ async def test_a_client_that_never_reads_is_cut_off_and_others_are_unaffected(
     server = await make_server(ws={"send_buffer_bytes": 256 * 1024, "heartbeat": 0})
     user = new_user()
     # A raw socket that completes the upgrade and then never reads.
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.test_server.port)
-    writer.write(
-        (
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token(user)}\r\n\r\n"
-        ).encode()
-    )
-    await writer.drain()
+    reader, writer = await raw_upgrade(server.test_server.port, token(user))
     healthy, _ = await server.connect(user)
     chunk = {"data": "x" * 60_000}
     published = 0
@@ -297,18 +289,10 @@ async def test_a_stalled_client_that_reads_again_sees_4009(
 ) -> None:
     server = await make_server(ws={"send_buffer_bytes": 64 * 1024, "heartbeat": 0})
     user = new_user()
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # little kernel buffering
-    sock.connect(("127.0.0.1", server.test_server.port))
-    reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(
-        (
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token(user)}\r\n\r\n"
-        ).encode()
+    # Little kernel buffering, so the server's own buffer fills quickly.
+    reader, writer = await raw_upgrade(
+        server.test_server.port, token(user), receive_buffer=16 * 1024
     )
-    await writer.drain()
     await reader.readuntil(b"\r\n\r\n")
     before = len(server.gateway.hub)
     overflows = metrics.SLOW_CONSUMER_DISCONNECTS._value.get()
