@@ -150,7 +150,8 @@ async def test_client_module_logic_in_the_browser(browser: Browser, demo: Server
     result = await page.evaluate(
         """async () => {
           const m = await import('/client/notifyd.js');
-          const delays = [0, 1, 2, 3, 10, 20].map((a) => m.backoffDelay(a, 500, 30000, () => 0.999));
+          const top = () => 0.999;
+          const delays = [0, 1, 2, 3, 10, 20].map((a) => m.backoffDelay(a, 500, 30000, top));
           const low = m.backoffDelay(5, 500, 30000, () => 0);
           const ids = new m.RecentIds(2);
           const seen = [ids.seen('a'), ids.seen('a'), ids.seen('b'), ids.seen('c'), ids.seen('a')];
