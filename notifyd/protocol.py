@@ -167,7 +167,9 @@ def id_timestamp_ms(notification_id: str) -> int | None:
         if digit < 0:
             return None
         value = value * 32 + digit
-    return value >> 2  # 10 chars = 50 bits; the top 48 are the milliseconds
+    # 26 characters hold 130 bits, the top 2 always zero: the first 10 characters
+    # are those 2 bits and the 48 bits of milliseconds.
+    return value
 
 
 # --- client -> server -----------------------------------------------------------------
