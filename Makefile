@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := rabbitmq-server
-TEST_APT_PACKAGES := rabbitmq-server chromium
+TEST_APT_PACKAGES := rabbitmq-server chromium prometheus
 # The local broker `make run` starts (a private node, not a system service).
 DEV_AMQP_PORT ?= 5672
 DEV_PORT ?= 8080
