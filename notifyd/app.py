@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import multiprocessing
@@ -344,6 +345,12 @@ class AccessLogger(AbstractAccessLogger):
 
 #: Options for every aiohttp runner that serves the app (also used by the tests).
 RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger}
+#: Garbage-collector thresholds for a process holding many long-lived sockets. With
+#: the default (700, 10, 10) a connect storm spends ~40 % of its CPU re-scanning the
+#: sockets already open; collections stay regular, only less frequent.
+GC_THRESHOLDS = (10_000, 10, 10)
+#: Pending-connection queue of the listening socket (capped by net.core.somaxconn).
+LISTEN_BACKLOG = 4096
 
 
 # --- running a process ---------------------------------------------------------------
@@ -360,8 +367,15 @@ async def serve(
         app, handle_signals=False, shutdown_timeout=server.shutdown_timeout, **RUNNER_OPTIONS
     )
     await runner.setup()
-    site = web.TCPSite(runner, server.host, server.port, reuse_port=reuse_port or None)
+    # A reconnect storm opens thousands of sockets at once: with aiohttp's default
+    # backlog of 128 the kernel drops SYNs and clients stall for a 1 s retransmit.
+    site = web.TCPSite(
+        runner, server.host, server.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None
+    )
     await site.start()
+    # Everything alive now lives as long as the process: keep it out of collections.
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
     metrics_runner: web.AppRunner | None = None
     if server.metrics_port:
         metrics_runner = web.AppRunner(metrics_app(), handle_signals=False, **RUNNER_OPTIONS)

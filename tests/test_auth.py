@@ -17,7 +17,7 @@ from notifyd.auth import AuthError, Grants, TokenVerifier, decode_identity, mint
 from notifyd.config import AuthSettings
 
 NOW = 1_700_000_000.0
-SECRET = "unit-test-secret-unit-test-secret-1234"
+SECRET = "unit-test-secret-" * 4  # long enough for HS512
 HS = AuthSettings(secret=SECRET, leeway=5)
 
 

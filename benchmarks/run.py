@@ -1,0 +1,611 @@
+"""Benchmarks: notifyd and its baselines, measured side by side in one run.
+
+    python benchmarks/run.py            # the whole suite (`make bench`), under 10 minutes
+    python benchmarks/run.py --quick    # small counts, for development
+
+Every server runs as its own process against one private RabbitMQ node; the load
+generator holds the sockets in two other processes. Results: a JSON file per run in
+benchmarks/results/, the ratio table in benchmarks/README.md, and a latency plot.
+
+On a 2-core machine the server, RabbitMQ, the publisher and the load generator share
+the cores, so wall-clock rates understate what a server does alone. Each rate is
+therefore reported twice: per wall-clock second, and per second of the server's own
+CPU time (``/proc/<pid>/stat``), which is what a dedicated core would give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import aio_pika  # noqa: E402
+
+from benchmarks.loadgen import LoadGenerator  # noqa: E402
+from notifyd.auth import mint_token  # noqa: E402
+from notifyd.devbroker import RabbitNode, free_port  # noqa: E402
+
+SECRET = "benchmark-secret-benchmark-secret-123456"
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "benchmarks" / "README.md"
+ALL_SERVERS = ["notifyd", "notifyd-2w", "naive", "raw", "socketio", "notifyd-stream"]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+FULL = {
+    "sockets": 10_000,
+    "levels": [1_000, 5_000, 10_000, 15_000],
+    "repeats": 3,
+    "broadcasts": 40,
+    "broadcasts_slow": 8,
+    "rates": [1_000, 5_000, None],
+    "latency_seconds": 5,
+    "warmup_seconds": 2,
+    "max_count": 30_000,
+    "resume_sockets": 5_000,
+    "resume_gap": 10,
+    "upstream_sockets": 2_000,
+    "upstream_each": 20,
+}
+QUICK = {
+    "sockets": 2_000,
+    "levels": [1_000, 2_000, 3_000],
+    "repeats": 2,
+    "broadcasts": 20,
+    "broadcasts_slow": 5,
+    "rates": [1_000, None],
+    "latency_seconds": 2,
+    "warmup_seconds": 1,
+    "max_count": 5_000,
+    "resume_sockets": 1_000,
+    "resume_gap": 5,
+    "upstream_sockets": 500,
+    "upstream_each": 10,
+}
+
+
+# --- the server under test ---------------------------------------------------------------
+
+
+def _family(pid: int) -> list[int]:
+    try:
+        return [pid, *map(int, Path(f"/proc/{pid}/task/{pid}/children").read_text().split())]
+    except OSError:
+        return [pid]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process and its children (KiB)."""
+    total = 0
+    for member in _family(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children so far."""
+    ticks = 0
+    for member in _family(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rpartition(")")[2].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / CLOCK_TICKS
+
+
+def server_command(kind: str, port: int, amqp_url: str) -> tuple[list[str], dict[str, str]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if kind.startswith("notifyd"):
+        env.update(
+            {
+                "NOTIFYD_AMQP_URL": amqp_url,
+                "NOTIFYD_AUTH_SECRET": SECRET,
+                "NOTIFYD_SERVER_PORT": str(port),
+                "NOTIFYD_SERVER_HOST": "127.0.0.1",
+                "NOTIFYD_SERVER_WORKERS": "2" if kind == "notifyd-2w" else "1",
+                "NOTIFYD_SERVER_MAX_CONNECTIONS": "100000",
+                "NOTIFYD_HISTORY_BACKEND": "stream" if kind == "notifyd-stream" else "memory",
+            }
+        )
+        return [sys.executable, "-m", "notifyd", "--log-level", "WARNING", "serve"], env
+    common = ["--port", str(port), "--amqp-url", amqp_url, "--secret", SECRET]
+    if kind == "socketio":
+        return [sys.executable, "-m", "benchmarks.baselines.socketio_server", *common], env
+    module = "benchmarks.baselines.aiohttp_server"
+    return [sys.executable, "-m", module, "--mode", kind, *common], env
+
+
+def _probe_path(kind: str) -> str:
+    if kind.startswith("notifyd"):
+        return "/readyz"
+    return "/socket.io/?EIO=4&transport=polling" if kind == "socketio" else "/"
+
+
+@contextmanager
+def running(kind: str, amqp_url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    command, env = server_command(kind, port, amqp_url)
+    # A file, not a pipe: a pipe nobody reads would block a chatty server.
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
+        try:
+            _wait_until_serving(kind, process, port, log)
+            yield process, port
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.seek(0)
+            tracebacks = log.read().decode(errors="replace").count("Traceback")
+            if tracebacks:
+                print(f"  {kind}: {tracebacks} tracebacks in its log", flush=True)
+
+
+def _wait_until_serving(
+    kind: str, process: subprocess.Popen[bytes], port: int, log: IO[bytes]
+) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"{kind} exited: {log.read().decode()[-2000:]}")
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{_probe_path(kind)}", timeout=1)
+            break
+        except urllib.error.HTTPError as exc:
+            if exc.code in (400, 401, 404):
+                break  # answering: that is all the probe asks
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} did not start")
+        time.sleep(0.2)
+    time.sleep(0.5)
+
+
+def scrape(port: int, metric: str) -> float:
+    """Sum of a notifyd metric's samples on /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    pattern = re.compile(rf"^{re.escape(metric)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", re.M)
+    return sum(float(value) for value in pattern.findall(text))
+
+
+# --- publishing --------------------------------------------------------------------------
+
+
+class Publisher:
+    """Publishes the same notifications to any server: AMQP, or socket.io's own manager."""
+
+    def __init__(self, kind: str, amqp_url: str) -> None:
+        self.kind = kind
+        self.amqp_url = amqp_url
+        self.loop = asyncio.new_event_loop()
+        self.loop.run_until_complete(self._open())
+
+    async def _open(self) -> None:
+        if self.kind == "socketio":
+            import socketio  # type: ignore[import-untyped]
+
+            self.manager = socketio.AsyncAioPikaManager(
+                self.amqp_url, channel="notifyd-bench", write_only=True
+            )
+            await self.manager.emit("warmup", {}, room="nobody")
+        else:
+            self.connection = await aio_pika.connect(self.amqp_url)
+            channel = await self.connection.channel(publisher_confirms=False)
+            self.exchange = await channel.declare_exchange(
+                "notifyd", aio_pika.ExchangeType.TOPIC, durable=True
+            )
+
+    async def _send(self, routing_key: str, message_id: str | None) -> None:
+        data = {"sent": time.time(), "text": "benchmark notification payload"}
+        if self.kind == "socketio":
+            room = None if routing_key == "broadcast" else routing_key
+            await self.manager.emit("n", data, room=room)
+        else:
+            body = json.dumps({"event": "bench", "data": data}).encode()
+            message = aio_pika.Message(body, message_id=message_id)
+            await self.exchange.publish(message, routing_key)
+
+    def publish(self, keys: list[str], rate: float | None, message_id: str | None = None) -> float:
+        """Publish one message per key, at ``rate`` per second (None: as fast as possible)."""
+
+        async def go() -> float:
+            started = time.perf_counter()
+            for index, key in enumerate(keys):
+                if rate:
+                    delay = started + index / rate - time.perf_counter()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                await self._send(key, message_id)
+            return time.perf_counter() - started
+
+        return self.loop.run_until_complete(go())
+
+    def close(self) -> None:
+        async def close() -> None:
+            if self.kind != "socketio":
+                await self.connection.close()
+            elif self.manager.publisher_connection is not None:
+                await self.manager.publisher_connection.close()
+
+        self.loop.run_until_complete(close())
+        self.loop.close()
+
+
+def publish(kind: str, amqp_url: str, keys: list[str], rate: float | None = None) -> float:
+    publisher = Publisher(kind, amqp_url)
+    try:
+        return publisher.publish(keys, rate)
+    finally:
+        publisher.close()
+
+
+# --- measuring ---------------------------------------------------------------------------
+
+
+def wait_frames(load: LoadGenerator, expected: int, timeout: float) -> dict[str, Any]:
+    """Counters once ``expected`` frames arrived, or nothing more came for 5 s."""
+    deadline = time.monotonic() + timeout
+    stats = load.stats()
+    previous, stalled_since = -1, time.monotonic()
+    while stats["frames"] < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        stats = load.stats()
+        if stats["frames"] != previous:
+            previous, stalled_since = stats["frames"], time.monotonic()
+        elif time.monotonic() - stalled_since > 5:
+            break
+    return stats
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def span(stats: dict[str, Any]) -> float:
+    return float(max(1e-6, stats["last"] - stats["first"]))
+
+
+def tokens_for(prefix: str, count: int) -> list[str]:
+    return [mint_token(SECRET, f"{prefix}{i}", 3600) for i in range(count)]
+
+
+class Bench:
+    """The scenarios, run against one server process."""
+
+    def __init__(self, kind: str, amqp_url: str, config: dict[str, Any]) -> None:
+        self.kind = kind
+        self.amqp_url = amqp_url
+        self.config = config
+        self.result: dict[str, Any] = {"server": kind}
+
+    def run(self) -> dict[str, Any]:
+        with running(self.kind, self.amqp_url) as (process, port):
+            self.pid, self.port = process.pid, port
+            self.load = LoadGenerator(port, workers=2, socketio=self.kind == "socketio")
+            try:
+                if self.kind == "notifyd-stream":
+                    self.resume_storm()
+                else:
+                    self.sockets_and_fanout()
+                    if self.kind != "notifyd-2w":
+                        self.per_user_latency()
+                    if self.kind == "notifyd":
+                        self.upstream()
+                    self.more_idle_sockets()
+            finally:
+                self.load.close()
+        return self.result
+
+    def log(self, text: str) -> None:
+        print(f"  {self.kind}: {text}", flush=True)
+
+    def _rss_step(self, level: int) -> None:
+        time.sleep(1.0)
+        per_socket = (rss_kib(self.pid) - self.base_rss) / level
+        self.result["rss_kib_per_socket"][str(level)] = per_socket
+        self.log(f"{level} sockets open, {per_socket:.1f} KiB/socket")
+
+    def sockets_and_fanout(self) -> None:
+        sockets = self.config["sockets"]
+        self.tokens = tokens_for("b", max(self.config["levels"]))
+        self.base_rss = rss_kib(self.pid)
+        self.result["rss_kib_per_socket"] = {}
+        seconds, cpu, self.opened = 0.0, 0.0, 0
+        for level in (lv for lv in self.config["levels"] if lv <= sockets):
+            cpu_before = cpu_seconds(self.pid)
+            step = self.load.connect(self.tokens[self.opened : level])
+            cpu += cpu_seconds(self.pid) - cpu_before
+            seconds += step["seconds"]
+            self.opened = level
+            if step["failures"]:
+                self.log(f"{step['failures']} connects failed")
+            self._rss_step(level)
+        self.result["connect_rate"] = sockets / seconds
+        self.result["connect_per_cpu_s"] = sockets / max(cpu, 1e-6)
+        self.result["connect_failures"] = sockets - self.load.stats()["welcomed"]
+        self.log(f"connect storm {self.result['connect_rate']:.0f} sockets/s")
+        count = self.config["broadcasts_slow" if self.kind == "socketio" else "broadcasts"]
+        runs, per_cpu = [], []
+        for _ in range(self.config["repeats"]):
+            self.load.reset()
+            cpu_before = cpu_seconds(self.pid)
+            publish(self.kind, self.amqp_url, ["broadcast"] * count)
+            stats = wait_frames(self.load, count * sockets, timeout=120)
+            cpu = cpu_seconds(self.pid) - cpu_before
+            runs.append(stats["frames"] / span(stats))
+            per_cpu.append(stats["frames"] / max(cpu, 1e-6))
+            self.log(
+                f"fan-out {stats['frames']} frames in {span(stats):.2f}s = {runs[-1]:.0f}/s, "
+                f"{cpu:.2f} CPU s = {per_cpu[-1]:.0f}/CPU s"
+            )
+            time.sleep(0.5)
+        self.result["fanout"] = statistics.median(runs)
+        self.result["fanout_per_cpu_s"] = statistics.median(per_cpu)
+        self.result["fanout_runs"] = runs
+
+    def per_user_latency(self) -> None:
+        """Publish to random single users at fixed rates; latency publish -> receive."""
+        users = [f"user.b{i}" for i in range(self.config["sockets"])]
+        rates = self.config["rates"][:1] if self.kind == "socketio" else self.config["rates"]
+        self.result["latency"] = {}
+        for rate in rates:
+            # Warm up at the same rate first: what is measured is steady traffic, not
+            # the garbage collection that follows the connect storm and the fan-out.
+            warmup = int(rate * self.config["warmup_seconds"]) if rate else 5_000
+            self.load.reset()
+            publish(self.kind, self.amqp_url, random.choices(users, k=warmup), rate)
+            wait_frames(self.load, warmup, timeout=60)
+            count = int(rate * self.config["latency_seconds"]) if rate else self.config["max_count"]
+            keys = random.choices(users, k=count)
+            self.load.reset(latency=True)
+            cpu_before = cpu_seconds(self.pid)
+            publish(self.kind, self.amqp_url, keys, rate)
+            stats = wait_frames(self.load, count, timeout=60)
+            cpu = cpu_seconds(self.pid) - cpu_before
+            samples = stats["latencies"]
+            label = str(rate) if rate else "max"
+            self.result["latency"][label] = point = {
+                "published": count,
+                "delivered": stats["frames"],
+                "delivered_per_s": stats["frames"] / span(stats),
+                "delivered_per_cpu_s": stats["frames"] / max(cpu, 1e-6),
+                "p50_ms": percentile(samples, 0.5) * 1000,
+                "p99_ms": percentile(samples, 0.99) * 1000,
+                "p999_ms": percentile(samples, 0.999) * 1000,
+            }
+            self.log(
+                f"per-user @ {label}/s: " + ", ".join(f"{k}={v:.1f}" for k, v in point.items())
+            )
+        # Ingest: the unthrottled run, consumed from RabbitMQ and delivered.
+        if "max" in self.result["latency"]:
+            self.result["ingest"] = self.result["latency"]["max"]
+
+    def upstream(self) -> None:
+        """Client ``send`` messages through the server to RabbitMQ, with confirms."""
+        sockets, each = self.config["upstream_sockets"], self.config["upstream_each"]
+        expected = sockets * each
+        self.load.reset()
+        cpu_before = cpu_seconds(self.pid)
+        payload = b'{"type":"send","event":"position","data":{"lat":48.85,"lon":2.35}}'
+        self.load.send(payload, sockets, each)
+        stats = wait_frames(self.load, expected, timeout=60)
+        cpu = cpu_seconds(self.pid) - cpu_before
+        accepted = scrape(self.port, "notifyd_upstream_messages_total")
+        self.result["upstream"] = {
+            "sent": expected,
+            "answered": stats["frames"],
+            "accepted": accepted,
+            "per_s": stats["frames"] / span(stats),
+            "per_cpu_s": stats["frames"] / max(cpu, 1e-6),
+        }
+        self.log(f"upstream: {self.result['upstream']}")
+
+    def more_idle_sockets(self) -> None:
+        for level in (lv for lv in self.config["levels"] if lv > self.config["sockets"]):
+            self.load.connect(self.tokens[self.opened : level])
+            self.opened = level
+            self._rss_step(level)
+
+    def resume_storm(self) -> None:
+        """N sockets connect at once; then N more that each resume over a gap, compared."""
+        sockets, gap = self.config["resume_sockets"], self.config["resume_gap"]
+        fresh = self._storm(tokens_for("p", sockets), "")
+        anchor = f"anchor-{random.getrandbits(64):x}"
+        anchor_ts = int(time.time() * 1000)
+        publisher = Publisher(self.kind, self.amqp_url)
+        publisher.publish(["broadcast"], None, message_id=anchor)
+        publisher.publish(["broadcast"] * gap, None)
+        publisher.close()
+        time.sleep(1.0)  # the fresh sockets got the gap live; wait until it is in the stream
+        reads_before = scrape(self.port, "notifyd_history_reads_total")
+        query = f"since={anchor}&since_ts={anchor_ts}"
+        resumed = self._storm(tokens_for("r", sockets), query, replayed=sockets * gap)
+        resumed["history_reads"] = scrape(self.port, "notifyd_history_reads_total") - reads_before
+        self.result["resume"] = {"sockets": sockets, "gap": gap, "fresh": fresh, "resumed": resumed}
+        self.log(f"resume storm: {self.result['resume']}")
+
+    def _storm(self, tokens: list[str], query: str, replayed: int = 0) -> dict[str, float]:
+        self.load.reset()
+        cpu_before = cpu_seconds(self.pid)
+        step = self.load.connect(tokens, query)
+        stats = wait_frames(self.load, replayed, timeout=60) if replayed else self.load.stats()
+        seconds = (
+            max(step["seconds"], stats["last"] - stats["first"]) if replayed else step["seconds"]
+        )
+        return {
+            "seconds": seconds,
+            "cpu_seconds": cpu_seconds(self.pid) - cpu_before,
+            "failures": step["failures"],
+            "replayed_frames": stats["frames"],
+        }
+
+
+# --- reporting ---------------------------------------------------------------------------
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
+    """(measure, notifyd, baseline, ratio) rows for the README table."""
+    n = results["notifyd"]
+    rows = []
+
+    def row(
+        measure: str, value: float, other: str, other_value: float, fmt: str = "{:,.0f}"
+    ) -> None:
+        ratio = f"{value / other_value:.2f}" if other_value else "n/a"
+        rows.append((measure, fmt.format(value), f"{other}: {fmt.format(other_value)}", ratio))
+
+    for key, label in (("fanout_per_cpu_s", "per server CPU s"), ("fanout", "per wall s")):
+        for base in ("naive", "socketio", "raw"):
+            if base in results:
+                row(f"broadcast fan-out, frames {label}", n[key], base, results[base][key])
+    if "notifyd-2w" in results:
+        two = results["notifyd-2w"]["fanout"]
+        row("fan-out, 2 workers vs 1, frames per wall s", two, "1 worker", n["fanout"])
+    for key, label in (("connect_per_cpu_s", "per server CPU s"), ("connect_rate", "per wall s")):
+        for base in ("naive", "socketio", "raw"):
+            if base in results:
+                row(f"connect storm, sockets {label}", n[key], base, results[base][key])
+    for base in ("naive", "socketio"):
+        for level, value in n["rss_kib_per_socket"].items():
+            if base in results and level in results[base]["rss_kib_per_socket"]:
+                other = results[base]["rss_kib_per_socket"][level]
+                row(f"RSS per idle socket at {level}, KiB", value, base, other, "{:.1f}")
+    for base in ("naive", "raw"):
+        if "ingest" in n and "ingest" in results.get(base, {}):
+            for key, label in (("delivered_per_s", "wall s"), ("delivered_per_cpu_s", "CPU s")):
+                other = results[base]["ingest"][key]
+                row(f"ingest, per-user notifications per {label}", n["ingest"][key], base, other)
+    return rows
+
+
+def tables(results: dict[str, dict[str, Any]]) -> str:
+    lines = ["| measure | notifyd | baseline | notifyd / baseline |", "|---|---|---|---|"]
+    lines += [f"| {m} | {v} | {b} | {r} |" for m, v, b, r in ratios(results)]
+    lines += [
+        "",
+        "| per-user traffic, 1 socket per user | rate | delivered/s | p50 ms | p99 ms | p99.9 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, result in results.items():
+        for rate, v in result.get("latency", {}).items():
+            lines.append(
+                f"| {kind} | {rate}/s | {v['delivered_per_s']:,.0f} | {v['p50_ms']:.2f} "
+                f"| {v['p99_ms']:.2f} | {v['p999_ms']:.2f} |"
+            )
+    up = results["notifyd"].get("upstream")
+    if up:
+        lines += [
+            "",
+            f"Upstream `send` (publisher confirms): {up['per_s']:,.0f} messages/s wall, "
+            f"{up['per_cpu_s']:,.0f} per CPU second "
+            f"({up['answered']:,} of {up['sent']:,} answered).",
+        ]
+    resume = results.get("notifyd-stream", {}).get("resume")
+    if resume:
+        fresh, back = resume["fresh"], resume["resumed"]
+        lines += [
+            "",
+            f"Resume storm (stream history): {resume['sockets']:,} sockets connecting at once "
+            f"took {fresh['seconds']:.2f} s and {fresh['cpu_seconds']:.2f} CPU s; "
+            f"{resume['sockets']:,} sockets resuming at once over a gap of {resume['gap']} took "
+            f"{back['seconds']:.2f} s and {back['cpu_seconds']:.2f} CPU s, replayed "
+            f"{back['replayed_frames']:,} frames with {back['history_reads']:.0f} stream reads.",
+        ]
+    return "\n".join(lines)
+
+
+def write_outputs(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    payload = json.dumps({"meta": meta, "results": results}, indent=2)
+    (RESULTS / f"run-{stamp}.json").write_text(payload)
+    table = tables(results)
+    text = README.read_text() if README.exists() else ""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    block = f"{start}\nRun {stamp} ({meta['mode']}, {meta['machine']}):\n\n{table}\n{end}"
+    if start in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text += "\n" + block + "\n"
+    README.write_text(text)
+    plot(results, RESULTS / "latency.png")
+    print(table)
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7.5, 4.5))
+    for kind, result in results.items():
+        latency = result.get("latency")
+        if not latency:
+            continue
+        points = sorted((v["delivered_per_s"], v["p50_ms"], v["p99_ms"]) for v in latency.values())
+        rates = [p[0] for p in points]
+        (line,) = axis.plot(rates, [p[2] for p in points], marker="o", label=f"{kind} p99")
+        axis.plot(rates, [p[1] for p in points], marker=".", linestyle="--", color=line.get_color())
+    axis.set_xlabel("per-user notifications delivered / s (one socket per user)")
+    axis.set_ylabel("publish → receive latency, ms (p99 solid, p50 dashed)")
+    axis.set_yscale("log")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    axis.set_title("Latency vs rate, same machine, same run")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small counts (about 2 minutes)")
+    parser.add_argument("--only", nargs="*", choices=ALL_SERVERS, default=ALL_SERVERS)
+    args = parser.parse_args()
+    config = QUICK if args.quick else FULL
+    started = time.monotonic()
+    results: dict[str, dict[str, Any]] = {}
+    with RabbitNode() as node:
+        for kind in args.only:
+            print(f"== {kind}", flush=True)
+            results[kind] = Bench(kind, node.amqp_url, config).run()
+    meta = {
+        "mode": "quick" if args.quick else "full",
+        "seconds": time.monotonic() - started,
+        "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+    }
+    if "notifyd" in results:
+        write_outputs(results, meta)
+    else:
+        print(json.dumps(results, indent=2))
+    print(f"done in {meta['seconds']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
