@@ -8,27 +8,19 @@ frame, like notifyd, and consume ``user.*`` and ``broadcast`` from exchange ``no
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import resource
 
 import aio_pika
 import jwt
 from aiohttp import web
 
+from benchmarks.baselines import arguments, serve
 from notifyd.protocol import text_frame
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--secret", required=True)
-    parser.add_argument("--mode", choices=["naive", "raw"], required=True)
-    args = parser.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = arguments(("--mode", {"choices": ["naive", "raw"], "required": True}))
     users: dict[str, set[web.WebSocketResponse]] = {}
     everyone: set[web.WebSocketResponse] = set()
 
@@ -86,13 +78,7 @@ def main() -> None:
     app = web.Application()
     app.router.add_get("/ws", handle)
     app.cleanup_ctx.append(consume)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(app, host="127.0.0.1", port=args.port, backlog=4096, access_log=None, print=None)
+    serve(app, args.port)
 
 
 if __name__ == "__main__":

@@ -6,22 +6,15 @@ write-only AsyncAioPikaManager (socket.io's own RabbitMQ path) to a room or to a
 
 from __future__ import annotations
 
-import argparse
-import resource
-
 import jwt
 import socketio
 from aiohttp import web
 
+from benchmarks.baselines import arguments, serve
+
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--amqp-url", required=True)
-    parser.add_argument("--secret", required=True)
-    args = parser.parse_args()
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    args = arguments()
     manager = socketio.AsyncAioPikaManager(args.amqp_url, channel="notifyd-bench")
     server = socketio.AsyncServer(
         async_mode="aiohttp", client_manager=manager, cors_allowed_origins="*"
@@ -39,13 +32,7 @@ def main() -> None:
 
     app = web.Application()
     server.attach(app)
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
-    web.run_app(app, host="127.0.0.1", port=args.port, backlog=4096, access_log=None, print=None)
+    serve(app, args.port)
 
 
 if __name__ == "__main__":
