@@ -431,7 +431,12 @@ class Broker:
             ),
         )
         try:
-            confirmation = await asyncio.wait_for(target.publish(message, routing_key), 10)
+            # Nobody online for a notification is normal: RabbitMQ drops it, and that
+            # is not a failure. Upstream messages no backend consumes are returned.
+            mandatory = exchange != EXCHANGE
+            confirmation = await asyncio.wait_for(
+                target.publish(message, routing_key, mandatory=mandatory), 10
+            )
         except (aiormq.AMQPError, ConnectionError, TimeoutError, RuntimeError) as exc:
             raise BrokerUnavailable(f"publish failed: {exc}") from exc
         if not isinstance(confirmation, Basic.Ack):

@@ -115,7 +115,9 @@ class Publisher:
             expiration=ttl,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        confirmation = await self._exchange.publish(message, channel.routing_key)
+        # Not mandatory: a notification for a user who is not online is dropped by
+        # RabbitMQ, which is not an error (a receipt can report it).
+        confirmation = await self._exchange.publish(message, channel.routing_key, mandatory=False)
         if not isinstance(confirmation, Basic.Ack):
             raise PublishError(f"RabbitMQ did not confirm {notification_id}")
         return notification_id

@@ -358,6 +358,14 @@ async def test_http_publish_goes_through_rabbitmq(server: Server) -> None:
     )
 
 
+async def test_http_publish_to_a_user_who_is_offline_is_accepted(server: Server) -> None:
+    body = {"channel": f"user:{new_user()}", "event": "hello", "data": {"a": 1}}
+    auth = {"Authorization": f"Bearer {SERVICE_KEY}"}
+    async with server.http.post(server.base + "/api/publish", json=body, headers=auth) as response:
+        assert response.status == 202, await response.text()
+        assert (await response.json())["id"]
+
+
 async def test_health_readiness_and_metrics(server: Server) -> None:
     async with server.http.get(server.base + "/healthz") as response:
         assert response.status == 200
@@ -386,6 +394,8 @@ async def test_publisher_helper_confirms_and_cli_token(server: Server, amqp_url:
         notification_id = await publisher.publish({"k": "v"}, user=user, event="e1")
         with pytest.raises(ValueError, match="invalid user"):
             await publisher.publish({}, user="a.*")
+        # Nobody online for that user: RabbitMQ drops it, which is not an error.
+        assert await publisher.publish({"k": "v"}, user=new_user())
     message = await receive_until(ws, "notification")
     assert (message["id"], message["data"]) == (notification_id, {"k": "v"})
 
