@@ -40,6 +40,7 @@ import aio_pika  # noqa: E402
 
 from benchmarks.loadgen import LoadGenerator  # noqa: E402
 from notifyd.auth import mint_token  # noqa: E402
+from notifyd.broker import EXCHANGE  # noqa: E402
 from notifyd.devbroker import RabbitNode, free_port  # noqa: E402
 
 SECRET = "benchmark-secret-benchmark-secret-123456"
@@ -212,7 +213,7 @@ class Publisher:
             self.connection = await aio_pika.connect(self.amqp_url)
             channel = await self.connection.channel(publisher_confirms=False)
             self.exchange = await channel.declare_exchange(
-                "notifyd", aio_pika.ExchangeType.TOPIC, durable=True
+                EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
             )
 
     async def _send(self, routing_key: str, message_id: str | None) -> None:

@@ -409,7 +409,8 @@ async def serve(
     log.info("stopped in %.1fs", time.monotonic() - started)
 
 
-def _install_uvloop() -> None:
+def install_uvloop() -> None:
+    """Use uvloop when it is installed (the ``speedups`` extra)."""
     with contextlib.suppress(ImportError):
         import uvloop
 
@@ -417,7 +418,7 @@ def _install_uvloop() -> None:
 
 
 def run_worker(settings: Settings, replica_id: str | None, reuse_port: bool) -> None:
-    _install_uvloop()
+    install_uvloop()
     asyncio.run(serve(settings, replica_id, reuse_port))
 
 

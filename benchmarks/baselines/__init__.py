@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
-import resource
 
 from aiohttp import web
+
+from benchmarks import lift_fd_limit
+from notifyd.app import LISTEN_BACKLOG, install_uvloop
 
 
 def arguments(*extra: tuple[str, dict[str, object]]) -> argparse.Namespace:
@@ -17,14 +18,12 @@ def arguments(*extra: tuple[str, dict[str, object]]) -> argparse.Namespace:
     parser.add_argument("--secret", required=True)
     for name, options in extra:
         parser.add_argument(name, **options)  # type: ignore[arg-type]
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    lift_fd_limit()
     return parser.parse_args()
 
 
 def serve(app: web.Application, port: int) -> None:
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    web.run_app(app, host="127.0.0.1", port=port, backlog=4096, access_log=None, print=None)
+    install_uvloop()
+    web.run_app(
+        app, host="127.0.0.1", port=port, backlog=LISTEN_BACKLOG, access_log=None, print=None
+    )
