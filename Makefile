@@ -49,7 +49,8 @@ setup-test: $(BIN)/.installed
 run: setup
 	@set -e; mkdir -p .run; \
 	$(BIN)/notifyd dev-broker --dir "$$(mktemp -d /tmp/notifyd-dev-XXXXXX)" --port $(DEV_AMQP_PORT) & broker=$$!; \
-	trap 'kill $$broker 2>/dev/null; wait $$broker 2>/dev/null' EXIT INT TERM; \
+	trap 'kill $$broker 2>/dev/null; wait $$broker 2>/dev/null || true' EXIT; \
+	trap 'exit 0' INT TERM; \
 	for i in $$(seq 1 120); do \
 	  $(PYTHON) -c 'import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(("127.0.0.1",$(DEV_AMQP_PORT))))' && break; \
 	  kill -0 $$broker 2>/dev/null || exit 1; sleep 0.5; \
