@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import hmac
 import logging
 import multiprocessing
@@ -27,7 +26,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from . import metrics
+from . import gcpolicy, metrics
 from .auth import TokenVerifier, mint_token
 from .broker import Broker
 from .config import Settings
@@ -345,10 +344,6 @@ class AccessLogger(AbstractAccessLogger):
 
 #: Options for every aiohttp runner that serves the app (also used by the tests).
 RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger}
-#: Garbage-collector thresholds for a process holding many long-lived sockets. With
-#: the default (700, 10, 10) a connect storm spends ~40 % of its CPU re-scanning the
-#: sockets already open; collections stay regular, only less frequent.
-GC_THRESHOLDS = (10_000, 10, 10)
 #: Pending-connection queue of the listening socket (capped by net.core.somaxconn).
 LISTEN_BACKLOG = 4096
 
@@ -361,6 +356,7 @@ async def serve(
 ) -> None:
     """Run one replica until SIGTERM/SIGINT, then shut down in order."""
     server = settings.server
+    loop = asyncio.get_running_loop()
     app = create_app(settings, replica_id)
     gateway = app[GATEWAY]
     runner = web.AppRunner(
@@ -373,9 +369,10 @@ async def serve(
         runner, server.host, server.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None
     )
     await site.start()
-    # Everything alive now lives as long as the process: keep it out of collections.
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
+    # Everything alive now lives as long as the process: keep it out of collections,
+    # and so the sockets once they are open.
+    gcpolicy.install()
+    collector = loop.create_task(gcpolicy.run(lambda: (len(gateway.hub), gateway.hub.left)))
     metrics_runner: web.AppRunner | None = None
     if server.metrics_port:
         metrics_runner = web.AppRunner(metrics_app(), handle_signals=False, **RUNNER_OPTIONS)
@@ -390,12 +387,16 @@ async def serve(
         f":{server.metrics_port}/metrics" if server.metrics_port else "/metrics",
     )
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     log.info("shutdown requested")
     started = time.monotonic()
+    # Closing every socket is the churn the policy answers with a full collection:
+    # no use pausing the drain for it.
+    collector.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await collector
     try:
         # Readiness fails while the listener is still open, so a load balancer
         # sees 503 and stops routing here before sockets start to close.

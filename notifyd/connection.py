@@ -1,10 +1,12 @@
 """One WebSocket from upgrade to close: authentication, its session, client messages.
 
-A :class:`Session` is what the hub writes to. Frames are written straight to the
-socket's transport (never awaited); the transport's buffer is the socket's
-bounded send buffer, and a socket whose buffer would pass ``send_buffer_bytes``
-is closed with 4009. Everything a client sends is parsed by :mod:`notifyd.protocol`
-and answered here; nothing a client sends can reach another user's channel.
+A :class:`Session` is what the hub writes to. Frames are queued on the session
+(never awaited) and written to its transport once per event-loop pass by the
+:class:`Outbox`, so a burst of notifications costs each socket one write, not one
+per frame. What is queued plus the transport's buffer is the socket's bounded
+send buffer: a socket that would pass ``send_buffer_bytes`` is closed with 4009.
+Everything a client sends is parsed by :mod:`notifyd.protocol` and answered here;
+nothing a client sends can reach another user's channel.
 """
 
 from __future__ import annotations
@@ -104,6 +106,34 @@ class TokenBucket:
         return False
 
 
+class Outbox:
+    """Sessions with queued frames, flushed together once per event-loop pass.
+
+    Writing each frame as it comes costs a system call per frame and socket; a
+    fan-out burst (several notifications read from RabbitMQ in one pass) then
+    pays that many times per socket. Frames queued during one pass leave in one
+    write per socket at the start of the next.
+    """
+
+    __slots__ = ("_pending", "_scheduled")
+
+    def __init__(self) -> None:
+        self._pending: list[Session] = []
+        self._scheduled = False
+
+    def add(self, session: Session) -> None:
+        self._pending.append(session)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, []
+        for session in pending:
+            session.flush()
+
+
 class Session:
     """One authenticated socket, as the hub sees it."""
 
@@ -111,6 +141,9 @@ class Session:
         "_close_task",
         "_held",
         "_held_bytes",
+        "_out",
+        "_out_bytes",
+        "_outbox",
         "_skip",
         "_timers",
         "closing",
@@ -132,9 +165,14 @@ class Session:
         identity: Identity,
         limit: int,
         leeway: float,
+        outbox: Outbox,
     ) -> None:
         self.ws = ws
         self.transport = transport
+        self._outbox = outbox
+        #: Frames queued for the next flush (None: nothing queued, not in the outbox).
+        self._out: list[bytes] | None = None
+        self._out_bytes = 0
         self.identity = identity
         self.user = identity.user
         self.deadline = identity.expires_at + leeway
@@ -167,13 +205,30 @@ class Session:
         transport = self.transport
         if transport is None or transport.is_closing():
             return False
-        if transport.get_write_buffer_size() + len(frame) > self.limit:
+        queued = self._out_bytes + len(frame)
+        if transport.get_write_buffer_size() + queued > self.limit:
             self._overflow()
             return False
-        transport.write(frame)
+        out = self._out
+        if out is None:
+            self._out = [frame]
+            self._outbox.add(self)
+        else:
+            out.append(frame)
+        self._out_bytes = queued
         if seq and self.first_live_seq is None:
             self.first_live_seq = seq
         return True
+
+    def flush(self) -> None:
+        """Write what is queued (the outbox calls this once per loop pass)."""
+        out, self._out = self._out, None
+        self._out_bytes = 0
+        if not out:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
 
     def send(self, payload: bytes) -> None:
         """A control answer (welcome, pong, error, ...), in order with notifications."""
@@ -208,6 +263,8 @@ class Session:
     def close_soon(self, code: int, reason: str, grace: float = 5.0) -> None:
         if self.closing:
             return
+        # Queued frames go out before the close frame, which aiohttp writes directly.
+        self.flush()
         self.closing = True
         self._held = None
         self.cancel_timers()
@@ -289,6 +346,7 @@ class SocketServer:
         self.replay = replay
         self.draining = False
         self.open_sockets = 0
+        self.outbox = Outbox()
         self.on_ack: Callable[[Session, str], None] | None = None
 
     # --- upgrade and authentication ------------------------------------------------
@@ -407,7 +465,12 @@ class SocketServer:
             await self._refuse(ws, request, CloseCode.GOING_AWAY, "server going away", "overloaded")
             return
         session = Session(
-            ws, request.transport, identity, settings.ws.send_buffer_bytes, settings.auth.leeway
+            ws,
+            request.transport,
+            identity,
+            settings.ws.send_buffer_bytes,
+            settings.auth.leeway,
+            self.outbox,
         )
         session.topics.update(identity.topics.exact)
         metrics.CONNECTION_ATTEMPTS.labels("accepted").inc()

@@ -8,6 +8,10 @@ was never seen here), so a client is never given a silent partial replay.
 :class:`RecentIds` remembers message ids for a while so that a message published
 twice with the same ``message_id`` is delivered once.
 
+Retained entries are tuples of strings, numbers and bytes only: CPython's cycle
+collector stops tracking such tuples the first time it sees them, so a full
+history costs the collector nothing, however many notifications it holds.
+
 The replicated variant, read from a RabbitMQ stream, lives in :mod:`notifyd.stream`.
 """
 
@@ -19,10 +23,13 @@ from dataclasses import dataclass, field
 
 from .protocol import Channel, Notification
 
+#: (sequence number, notification id, frame, ts): atomic values, never GC-tracked.
+_Entry = tuple[int, str, bytes, int]
+
 
 @dataclass(slots=True)
 class _Window:
-    entries: deque[tuple[int, Notification]] = field(default_factory=deque)
+    entries: deque[_Entry] = field(default_factory=deque)
     #: Highest sequence number evicted from this channel: a resume point older
     #: than this would miss something, so it is refused.
     evicted_upto: int = 0
@@ -35,9 +42,10 @@ class MemoryHistory:
         self.max_per_channel = max_per_channel
         self.max_age = max_age
         self.max_total = max_total
-        self._windows: dict[Channel, _Window] = {}
+        #: Windows by channel name (``str(channel)``).
+        self._windows: dict[str, _Window] = {}
         #: Every retained entry in arrival order, for age and total eviction.
-        self._order: deque[tuple[int, float, Channel]] = deque()
+        self._order: deque[tuple[int, float, str]] = deque()
         #: id -> sequence number of retained notifications.
         self._index: dict[str, int] = {}
         self._seq = 0
@@ -53,22 +61,23 @@ class MemoryHistory:
         """Retain a notification; returns its sequence number."""
         self._seq += 1
         seq = self._seq
-        window = self._windows.get(notification.channel)
+        channel = str(notification.channel)
+        window = self._windows.get(channel)
         if window is None:
-            window = self._windows[notification.channel] = _Window()
-        window.entries.append((seq, notification))
+            window = self._windows[channel] = _Window()
+        window.entries.append((seq, notification.id, notification.frame, notification.ts))
         if len(window.entries) > self.max_per_channel:
             self._evict_from(window)
-        self._order.append((seq, now, notification.channel))
+        self._order.append((seq, now, channel))
         self._index[notification.id] = seq
         self.expire(now)
         return seq
 
     def _evict_from(self, window: _Window) -> None:
-        old_seq, old = window.entries.popleft()
+        old_seq, old_id, _, _ = window.entries.popleft()
         window.evicted_upto = old_seq
-        if self._index.get(old.id) == old_seq:
-            del self._index[old.id]
+        if self._index.get(old_id) == old_seq:
+            del self._index[old_id]
 
     def expire(self, now: float) -> None:
         """Drop entries past ``max_age`` and beyond ``max_total``."""
@@ -98,16 +107,16 @@ class MemoryHistory:
             return None
         found: list[tuple[int, Notification]] = []
         for channel in channels:
-            window = self._windows.get(channel)
+            window = self._windows.get(str(channel))
             if window is None:
                 continue
             if window.evicted_upto > start:
                 return None
-            for seq, notification in reversed(window.entries):
+            for seq, notification_id, frame, ts in reversed(window.entries):
                 if seq <= start:
                     break
                 if before_seq is None or seq < before_seq:
-                    found.append((seq, notification))
+                    found.append((seq, Notification(notification_id, channel, frame, ts)))
         found.sort(key=lambda pair: pair[0])
         return [notification for _, notification in found]
 

@@ -72,6 +72,8 @@ class Hub:
         self._topics: dict[str, set[Subscriber]] = {}
         self._release_timers: dict[str, asyncio.TimerHandle] = {}
         self._seq = 0
+        #: Running total of sockets removed (for the collector policy).
+        self.left = 0
 
     # --- membership -----------------------------------------------------------------
 
@@ -112,6 +114,7 @@ class Hub:
         if subscriber not in self._all:
             return
         self._all.discard(subscriber)
+        self.left += 1
         sockets = self._users.get(subscriber.user)
         if sockets is not None:
             sockets.discard(subscriber)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 from notifyd.history import MemoryHistory, RecentIds
 from notifyd.protocol import BROADCAST, Channel, Notification
 
@@ -81,3 +83,16 @@ def test_recent_ids_window_and_limit() -> None:
         assert not recent.seen(key, 12)
     assert not recent.seen("a", 12)  # pushed out by the limit
     assert not RecentIds(window=0).seen("x", 0) and not RecentIds(window=0).seen("x", 0)
+
+
+def test_retained_notifications_cost_the_cycle_collector_nothing() -> None:
+    history = MemoryHistory(max_per_channel=5_000, max_age=60, max_total=10_000)
+    history.record(n("first"), 0)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(2_000):
+        history.record(n(f"n{i}"), 0)
+    gc.collect()
+    assert len(history) == 2_001
+    assert len(gc.get_objects()) - before < 20  # not one tracked object per entry
+    assert ids(history.replay("n1997", [ALICE])) == ["n1998", "n1999"]
