@@ -110,7 +110,9 @@ class BindingTable:
         future = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(routing_key, []).append(future)
         try:
-            await asyncio.wait_for(future, timeout)
+            # asyncio.timeout, not wait_for: no extra task per connecting socket.
+            async with asyncio.timeout(timeout):
+                await future
         except TimeoutError:
             return False
         return True

@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
+_ACCEPTED = metrics.CONNECTION_ATTEMPTS.labels("accepted")
 #: Seconds after a resume during which live copies of replayed ids are dropped.
 SKIP_WINDOW = 10.0
 
@@ -473,7 +474,7 @@ class SocketServer:
             self.outbox,
         )
         session.topics.update(identity.topics.exact)
-        metrics.CONNECTION_ATTEMPTS.labels("accepted").inc()
+        _ACCEPTED.inc()
         try:
             await self._start(session, since)
             self._schedule_expiry(session)

@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 
 #: Seconds between collections of the young generations.
 INTERVAL = 0.5
-#: Thresholds for the automatic collections between two intervals: with the
-#: default (700, 10, 10) a connect storm re-scans the sockets it just opened.
-THRESHOLDS = (10_000, 10, 10)
+#: Thresholds for automatic collections: high enough that between two intervals
+#: only a burst of more than 100k new objects triggers one, so what a connect
+#: storm allocates is scanned once, by the policy, before it is frozen.
+THRESHOLDS = (100_000, 10, 10)
 
 
 class Action(enum.Enum):
