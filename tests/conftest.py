@@ -201,6 +201,8 @@ async def expect_close(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) 
         ):
             return ws.close_code if ws.close_code is not None else int(msg.data or 0)
         if msg.type == aiohttp.WSMsgType.ERROR:
+            # Shown with a failing test: why the socket ended without a close frame.
+            print(f"expect_close: {msg.data!r}, exception {ws.exception()!r}", file=sys.stderr)
             return ws.close_code or 1006
 
 
