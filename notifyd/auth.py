@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import jwt
@@ -44,7 +44,7 @@ class Grants:
     @classmethod
     def parse(cls, value: object, claim: str) -> Grants:
         if value is None:
-            return cls(frozenset(), ())
+            return NO_GRANTS  # shared: most tokens grant nothing, and each socket keeps its own
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise AuthError("claims", f"claim '{claim}' must be a list of topic names")
         exact, prefixes = set(), []
@@ -59,6 +59,9 @@ class Grants:
 
     def allows(self, topic: str) -> bool:
         return topic in self.exact or any(topic.startswith(p) for p in self.prefixes)
+
+
+NO_GRANTS: Final = Grants(frozenset(), ())
 
 
 @dataclass(frozen=True, slots=True)

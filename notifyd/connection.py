@@ -26,6 +26,7 @@ from .auth import AuthError, Identity, TokenVerifier
 from .config import Settings
 from .hub import Hub
 from .protocol import (
+    MAX_CLOSE_REASON,
     Ack,
     Auth,
     Channel,
@@ -41,6 +42,7 @@ from .protocol import (
     Subscribe,
     Unsubscribe,
     answer,
+    close_frame,
     error,
     parse_client_message,
     resume_point,
@@ -55,6 +57,7 @@ _SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
 _ACCEPTED = metrics.CONNECTION_ATTEMPTS.labels("accepted")
 #: Seconds after a resume during which live copies of replayed ids are dropped.
 SKIP_WINDOW = 10.0
+_NO_IDS: frozenset[str] = frozenset()  # shared: an empty frozenset() is a new object each time
 
 
 class _PeerGone(Exception):
@@ -145,8 +148,10 @@ class Session:
         "_out",
         "_out_bytes",
         "_outbox",
+        "_read_done",
         "_skip",
-        "_timers",
+        "_skip_timer",
+        "_token_timer",
         "closing",
         "deadline",
         "first_live_seq",
@@ -185,10 +190,15 @@ class Session:
         self._held: list[tuple[bytes, int]] | None = None
         #: Ids just replayed from a shared history; live copies still in flight
         #: to this replica are dropped for a short while after a resume.
-        self._skip: frozenset[str] = frozenset()
+        self._skip = _NO_IDS
         self._held_bytes = 0
-        self._timers: list[asyncio.TimerHandle] = []
+        #: One timer for the token (refresh_required, then the 4010 close) and one
+        #: for the resume skip window: bound methods, no closures, per socket.
+        self._token_timer: asyncio.TimerHandle | None = None
+        self._skip_timer: asyncio.TimerHandle | None = None
         self._close_task: asyncio.Task[None] | None = None
+        #: Resolved when the read loop has ended (created only once closing starts).
+        self._read_done: asyncio.Future[None] | None = None
 
     def write(self, frame: bytes, seq: int = 0) -> bool:
         if self.closing:
@@ -248,12 +258,15 @@ class Session:
             self.write(notification.frame)
         if replay:
             self._skip = frozenset(n.id for n in replay)
-            self.schedule(SKIP_WINDOW, self._forget_skip)
+            if self._skip_timer is not None:
+                self._skip_timer.cancel()
+            self._skip_timer = asyncio.get_running_loop().call_later(SKIP_WINDOW, self._forget_skip)
         for frame, seq in held:
             self.write(frame, seq)
 
     def _forget_skip(self) -> None:
-        self._skip = frozenset()
+        self._skip = _NO_IDS
+        self._skip_timer = None
 
     def _overflow(self) -> None:
         _SLOW.inc()
@@ -262,25 +275,70 @@ class Session:
         self.close_soon(CloseCode.SLOW_CONSUMER, "send buffer overflow", grace=2.0)
 
     def close_soon(self, code: int, reason: str, grace: float = 5.0) -> None:
+        """Send a close frame now; cut the socket off if the client has not answered
+        within ``grace`` seconds.
+
+        The frame is written here, after what is queued, rather than with aiohttp's
+        ``ws.close()``: called from another task while the read loop waits, that
+        closes the TCP connection at once, and a client still answering the close
+        sees its connection reset (1006) instead of this code. The read loop keeps
+        reading until the client's answer; then the connection is closed.
+        """
         if self.closing:
             return
-        # Queued frames go out before the close frame, which aiohttp writes directly.
         self.flush()
         self.closing = True
         self._held = None
         self.cancel_timers()
-        self._close_task = asyncio.get_running_loop().create_task(
-            close_socket(self.ws, self.transport, code, reason, grace)
-        )
+        metrics.CLOSES.labels(str(code)).inc()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(close_frame(code, reason))
+        loop = asyncio.get_running_loop()
+        self._read_done = loop.create_future()
+        self._close_task = loop.create_task(self._finish_close(grace))
 
-    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
-        self._timers.append(asyncio.get_running_loop().call_later(max(0.0, delay), callback))
+    def reading_ended(self) -> None:
+        """The read loop is over: the client answered the close, or is gone."""
+        if self._read_done is not None and not self._read_done.done():
+            self._read_done.set_result(None)
+
+    async def _finish_close(self, grace: float) -> None:
+        assert self._read_done is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._read_done), grace)
+        await cut_off(self.transport, deadline)
+
+    def watch_token(self, refresh_before: float) -> None:
+        """Ask for a refresh ``refresh_before`` s ahead of expiry; close 4010 at the deadline.
+
+        Called again after a refresh, with the new token's expiry.
+        """
+        if self._token_timer is not None:
+            self._token_timer.cancel()
+        delay = self.identity.expires_at - refresh_before - time.time()
+        if delay > 0:
+            self._token_timer = asyncio.get_running_loop().call_later(delay, self._refresh_due)
+        else:
+            self._refresh_due()
+
+    def _refresh_due(self) -> None:
+        self.send(answer("refresh_required", expires_at=int(self.identity.expires_at)))
+        delay = max(0.0, self.deadline - time.time())
+        self._token_timer = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self._token_timer = None
+        self.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
 
     def cancel_timers(self) -> None:
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
-        self._skip = frozenset()
+        for timer in (self._token_timer, self._skip_timer):
+            if timer is not None:
+                timer.cancel()
+        self._token_timer = self._skip_timer = None
+        self._skip = _NO_IDS
 
 
 async def _through_broker(kind: str, ref: Any, publishing: Awaitable[T]) -> T:
@@ -304,25 +362,41 @@ def _frame_id(frame: bytes) -> str | None:
     return frame[start:end].decode() if end > start else None
 
 
+def _has_query(request: web.Request) -> bool:
+    """Whether the request target has a query (checked before ``request.query``,
+    which parses and caches it for as long as the socket is open)."""
+    return "?" in request.raw_path
+
+
 async def close_socket(
     ws: web.WebSocketResponse, transport: Any, code: int, reason: str, grace: float
 ) -> None:
-    """Close with ``code``; a peer that has not taken it within ``grace`` is cut off.
+    """Close a socket that has no session yet (from its own handler, not reading).
 
-    A closed transport keeps flushing its buffer, and for a peer that stopped
-    reading it would do so forever, holding the socket and its memory: once the
-    grace period is over whatever is left is aborted.
+    A peer that has not taken the close within ``grace`` is cut off.
     """
     metrics.CLOSES.labels(str(code)).inc()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace
+    deadline = asyncio.get_running_loop().time() + grace
     with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-        await asyncio.wait_for(ws.close(code=code, message=reason.encode()[:120]), grace)
+        await asyncio.wait_for(
+            ws.close(code=code, message=reason.encode()[:MAX_CLOSE_REASON]), grace
+        )
+    await cut_off(transport, deadline)
+
+
+async def cut_off(transport: Any, deadline: float) -> None:
+    """Close the transport; abort what is left unsent at ``deadline``.
+
+    A closed transport keeps flushing its buffer, and for a peer that stopped
+    reading it would do so forever, holding the socket and its memory.
+    """
     if transport is None:
         return
+    transport.close()
+    loop = asyncio.get_running_loop()
     while transport.get_write_buffer_size() and loop.time() < deadline:
         await asyncio.sleep(0.05)
-    if transport.get_write_buffer_size() or not transport.is_closing():
+    if transport.get_write_buffer_size():
         transport.abort()
 
 
@@ -368,6 +442,9 @@ class SocketServer:
             max_msg_size=ws_settings.max_message_size,
             compress=False,  # one frame is shared by every socket: no per-socket deflate
             timeout=5.0,
+            # A client's close is answered when the handler ends; a close notifyd
+            # started must not be answered twice (see Session.close_soon).
+            autoclose=False,
         )
         await ws.prepare(request)
         self.open_sockets += 1
@@ -411,6 +488,8 @@ class SocketServer:
 
     @staticmethod
     def _query_resume_point(request: web.Request) -> ResumePoint | None:
+        if not _has_query(request):
+            return None
         try:
             return resume_point(request.query.get("since") or None, request.query.get("since_ts"))
         except ProtocolError as exc:
@@ -426,7 +505,7 @@ class SocketServer:
             if scheme.lower() != "bearer" or not value.strip():
                 raise AuthError("malformed", "bad Authorization header")
             return value.strip(), self._query_resume_point(request)
-        if "token" in request.query:
+        if _has_query(request) and "token" in request.query:
             if not self.settings.auth.query_token:
                 raise AuthError("malformed", "?token= is disabled; use the auth message")
             return request.query["token"], self._query_resume_point(request)
@@ -477,12 +556,13 @@ class SocketServer:
         _ACCEPTED.inc()
         try:
             await self._start(session, since)
-            self._schedule_expiry(session)
+            session.watch_token(self.settings.ws.refresh_before)
             await self._read_loop(session)
         except Exception:
             log.exception("session %s of %s failed", session.id, session.user)
             session.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
         finally:
+            session.reading_ended()
             self.hub.remove(session)
             session.cancel_timers()
             if session._close_task is not None:
@@ -519,22 +599,6 @@ class SocketServer:
         missed = await self.replay(since, self.hub.channels_of(session), before_seq)
         metrics.RESUMES.labels("resumed" if missed is not None else "gap_too_old").inc()
         return missed
-
-    def _schedule_expiry(self, session: Session) -> None:
-        now = time.time()
-        expires_at = session.identity.expires_at
-        refresh_at = expires_at - self.settings.ws.refresh_before
-        if refresh_at > now:
-            session.schedule(
-                refresh_at - now,
-                lambda: session.send(answer("refresh_required", expires_at=int(expires_at))),
-            )
-        else:
-            session.send(answer("refresh_required", expires_at=int(expires_at)))
-        session.schedule(
-            session.deadline - now,
-            lambda: session.close_soon(CloseCode.TOKEN_EXPIRED, "token expired"),
-        )
 
     async def _read_loop(self, session: Session) -> None:
         ws = session.ws
@@ -624,8 +688,7 @@ class SocketServer:
                 self.hub.unsubscribe(session, topic)
         for topic in identity.topics.exact:
             self.hub.subscribe(session, topic)
-        session.cancel_timers()
-        self._schedule_expiry(session)
+        session.watch_token(self.settings.ws.refresh_before)
         session.send(answer("refreshed", expires_at=int(identity.expires_at)))
 
     async def _resume(self, session: Session, since: ResumePoint, ref: Any) -> None:

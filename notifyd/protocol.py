@@ -423,6 +423,17 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+#: A close frame's reason fits in a control frame's 125 bytes after the 2-byte code.
+MAX_CLOSE_REASON: Final = 123
+
+
+def close_frame(code: int, reason: str) -> bytes:
+    """A server->client close frame (RFC 6455 §5.5.1), the reason cut to fit whole."""
+    data = reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
+    payload = code.to_bytes(2, "big") + data
+    return struct.pack("!BB", 0x88, len(payload)) + payload
+
+
 # --- AMQP -> notification -------------------------------------------------------------
 
 #: Header carrying the publish time in integer milliseconds, for ``ts`` and the latency

@@ -27,6 +27,7 @@ from notifyd.protocol import (
     Subscribe,
     Unsubscribe,
     channel_for_routing_key,
+    close_frame,
     decode_control,
     decode_notification,
     id_timestamp_ms,
@@ -275,3 +276,15 @@ def test_control_messages() -> None:
                 b'{"action": "explode"}']:  # fmt: skip
         with pytest.raises(InvalidMessage):
             decode_control(bad, 0)
+
+
+def test_close_frames_carry_the_code_and_a_reason_that_fits() -> None:
+    frame = close_frame(4003, "disconnected by the backend")
+    assert frame[0] == 0x88  # FIN + close, unmasked
+    assert frame[1] == len(frame) - 2 == 2 + len("disconnected by the backend")
+    assert int.from_bytes(frame[2:4], "big") == 4003
+    assert frame[4:] == b"disconnected by the backend"
+    # A control frame holds 125 bytes: the reason is cut, never in a UTF-8 sequence.
+    long = close_frame(1001, "é" * 100)
+    assert len(long) - 2 <= 125
+    assert long[4:].decode() == "é" * 61

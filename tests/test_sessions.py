@@ -83,6 +83,20 @@ async def test_invalid_refresh_token_is_an_error_not_a_close(server: Server) -> 
     assert (answer["type"], answer["code"], answer["ref"]) == ("error", "invalid_token", "r1")
 
 
+async def test_every_socket_of_a_disconnected_user_reads_4003_not_a_reset(
+    server: Server, amqp: AmqpPublisher
+) -> None:
+    # A close notifyd starts is a full close handshake for each client, while each
+    # socket is waiting for client messages. (aiohttp's ws.close() called from
+    # another task closes the connection without waiting for the client's answer;
+    # an aiohttp client then sometimes reported 1006 here instead of 4003.)
+    user = new_user()
+    sockets = [(await server.connect(user))[0] for _ in range(20)]
+    await amqp.send("control", {"action": "disconnect", "user": user})
+    codes = await asyncio.gather(*(expect_close(ws) for ws in sockets))
+    assert codes == [4003] * 20
+
+
 async def test_backend_disconnects_a_user_and_revokes_a_token(
     server: Server, amqp: AmqpPublisher
 ) -> None:
