@@ -30,7 +30,8 @@ from . import gcpolicy, metrics
 from .auth import TokenVerifier, mint_token
 from .broker import Broker
 from .config import Settings
-from .connection import BrokerUnavailable, Session, SocketServer
+from .connection import BrokerUnavailable, SocketServer
+from .heartbeat import Heartbeat
 from .history import MemoryHistory, RecentIds
 from .hub import Hub
 from .protocol import (
@@ -97,6 +98,7 @@ class Gateway:
             self.sockets.replay = self.stream.replay
         self.draining = False
         self._broker_task: asyncio.Task[None] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     # --- routing callbacks ------------------------------------------------------------
 
@@ -115,8 +117,8 @@ class Gateway:
             self.verifier.revoke(command.token_ids, command.until)
             revoked = set(command.token_ids)
             closed = 0
-            for subscriber in self.hub:
-                if isinstance(subscriber, Session) and subscriber.identity.token_id in revoked:
+            for subscriber in self.sockets.sessions():
+                if subscriber.identity.token_id in revoked:
                     subscriber.close_soon(CloseCode.UNAUTHORIZED, "token revoked")
                     closed += 1
             log.info("control: revoked %d token ids (%d sockets here)", len(revoked), closed)
@@ -137,7 +139,11 @@ class Gateway:
     async def start(self) -> None:
         if self.stream is not None:
             self.broker.on_connected.append(self.stream.on_connected)
-        self._broker_task = asyncio.get_running_loop().create_task(self.broker.run())
+        loop = asyncio.get_running_loop()
+        self._broker_task = loop.create_task(self.broker.run())
+        if self.settings.ws.heartbeat:
+            heartbeat = Heartbeat(self.settings.ws.heartbeat, self.sockets.sessions)
+            self._heartbeat_task = loop.create_task(heartbeat.run())
         metrics.DRAINING.set(0)
 
     def begin_drain(self) -> None:
@@ -157,10 +163,11 @@ class Gateway:
         await self.drain()
         self.hub.close()
         await self.broker.close()
-        if self._broker_task is not None:
-            self._broker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._broker_task
+        for task in (self._broker_task, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.stream is not None:
             await self.stream.close()
         await self.verifier.close()

@@ -27,6 +27,7 @@ from .config import Settings
 from .hub import Hub
 from .protocol import (
     MAX_CLOSE_REASON,
+    PING_FRAME,
     Ack,
     Auth,
     Channel,
@@ -148,6 +149,7 @@ class Session:
         "_out",
         "_out_bytes",
         "_outbox",
+        "_ping_outstanding",
         "_read_done",
         "_skip",
         "_skip_timer",
@@ -179,6 +181,8 @@ class Session:
         #: Frames queued for the next flush (None: nothing queued, not in the outbox).
         self._out: list[bytes] | None = None
         self._out_bytes = 0
+        #: A heartbeat ping was sent and nothing has come back since.
+        self._ping_outstanding = False
         self.identity = identity
         self.user = identity.user
         self.deadline = identity.expires_at + leeway
@@ -297,6 +301,25 @@ class Session:
         loop = asyncio.get_running_loop()
         self._read_done = loop.create_future()
         self._close_task = loop.create_task(self._finish_close(grace))
+
+    def heartbeat(self) -> None:
+        """Ping, or cut off a peer that has not answered the previous ping."""
+        if self.closing:
+            return
+        if self._ping_outstanding:
+            metrics.HEARTBEAT_TIMEOUTS.inc()
+            log.info("no answer to ping: dropping user=%s session=%s", self.user, self.id)
+            self.closing = True
+            self.cancel_timers()
+            if self.transport is not None:
+                self.transport.abort()  # the peer is gone: no close handshake to wait for
+            return
+        self._ping_outstanding = True
+        self.write(PING_FRAME)
+
+    def answered(self) -> None:
+        """The client sent something (a pong or any message): it is alive."""
+        self._ping_outstanding = False
 
     def reading_ended(self) -> None:
         """The read loop is over: the client answered the close, or is gone."""
@@ -438,7 +461,9 @@ class SocketServer:
             raise web.HTTPServiceUnavailable(text="draining\n", headers={"Retry-After": "1"})
         ws = web.WebSocketResponse(
             protocols=("notifyd.v1",),
-            heartbeat=ws_settings.heartbeat or None,
+            # Pings come from notifyd's Heartbeat (one task, spread over the interval),
+            # so pings and pongs reach the read loop.
+            autoping=False,
             max_msg_size=ws_settings.max_message_size,
             compress=False,  # one frame is shared by every socket: no per-socket deflate
             timeout=5.0,
@@ -509,10 +534,17 @@ class SocketServer:
             if not self.settings.auth.query_token:
                 raise AuthError("malformed", "?token= is disabled; use the auth message")
             return request.query["token"], self._query_resume_point(request)
-        try:
-            msg = await ws.receive(timeout=self.settings.auth.auth_timeout)
-        except TimeoutError:
-            raise AuthError("timeout", "no auth message in time") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.auth.auth_timeout
+        while True:
+            try:
+                msg = await ws.receive(timeout=max(0.001, deadline - loop.time()))
+            except TimeoutError:
+                raise AuthError("timeout", "no auth message in time") from None
+            if msg.type is WSMsgType.PING:
+                await ws.pong(msg.data)
+            elif msg.type is not WSMsgType.PONG:
+                break
         if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
             raise _PeerGone
         if msg.type is not WSMsgType.TEXT:
@@ -604,7 +636,11 @@ class SocketServer:
         ws = session.ws
         bucket = TokenBucket(self.settings.ws.rate_limit, self.settings.ws.rate_burst)
         async for msg in ws:
+            session.answered()
             if session.closing:
+                continue
+            if msg.type is WSMsgType.PING:
+                await ws.pong(msg.data)
                 continue
             if msg.type is WSMsgType.BINARY:
                 session.send(error("bad_message", "binary frames are not supported"))
@@ -730,10 +766,14 @@ class SocketServer:
 
     # --- shutdown ---------------------------------------------------------------------
 
+    def sessions(self) -> list[Session]:
+        """Every open socket's session."""
+        return [s for s in self.hub if isinstance(s, Session)]
+
     async def drain(self, window: float) -> None:
         """Close every socket with 1001, spread evenly over ``window`` seconds."""
         self.draining = True
-        sessions = [s for s in self.hub if isinstance(s, Session)]
+        sessions = self.sessions()
         if not sessions:
             return
         loop = asyncio.get_running_loop()

@@ -33,6 +33,10 @@ DELIVERY_LATENCY = Histogram(
 )
 BROKER_CONNECTED = Gauge("notifyd_broker_connected", "1 while the AMQP connection is up")
 BROKER_RECONNECTS = Counter("notifyd_broker_reconnects", "AMQP reconnections after a loss")
+HEARTBEAT_TIMEOUTS = Counter(
+    "notifyd_heartbeat_timeouts",
+    "Sockets cut off because they did not answer a ping within one heartbeat interval",
+)
 SLOW_CONSUMER_DISCONNECTS = Counter(
     "notifyd_slow_consumer_disconnects",
     "Sockets closed with 4009 because their send buffer overflowed",

@@ -423,6 +423,8 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+#: A server->client ping with no payload (the heartbeat).
+PING_FRAME: Final = b"\x89\x00"
 #: A close frame's reason fits in a control frame's 125 bytes after the 2-byte code.
 MAX_CLOSE_REASON: Final = 123
 
