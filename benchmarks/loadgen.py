@@ -232,13 +232,14 @@ async def _worker(pipe: Connection, port: int, socketio: bool) -> None:
                     "latencies": stats.latencies or [],
                 }
             )
-        elif command == "close":
+        elif command in ("disconnect", "close"):
             for client in clients:
                 if client.transport is not None:
                     client.transport.abort()
             clients.clear()
             pipe.send("ok")
-            return
+            if command == "close":
+                return
 
 
 def _worker_main(pipe: Connection, port: int, socketio: bool) -> None:
@@ -300,6 +301,10 @@ class LoadGenerator:
             "welcomed": sum(r["welcomed"] for r in results),
             "latencies": [x for r in results for x in r["latencies"]],
         }
+
+    def disconnect(self) -> None:
+        """Drop every socket at once (a network blip), keeping the workers."""
+        self._all("disconnect", {})
 
     def close(self) -> None:
         self._all("close", {})
