@@ -284,9 +284,10 @@ class Session:
 
         The frame is written here, after what is queued, rather than with aiohttp's
         ``ws.close()``: called from another task while the read loop waits, that
-        closes the TCP connection at once, and a client still answering the close
-        sees its connection reset (1006) instead of this code. The read loop keeps
-        reading until the client's answer; then the connection is closed.
+        closes the TCP connection without waiting for the client's answer, and an
+        aiohttp client answering it was seen to report 1006 instead of this code.
+        The read loop keeps reading until the client's answer; then the connection
+        is closed.
         """
         if self.closing:
             return
