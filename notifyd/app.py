@@ -373,8 +373,8 @@ async def serve(
         runner, server.host, server.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None
     )
     await site.start()
-    # Everything alive now lives as long as the process: keep it out of collections,
-    # and so the sockets once they are open.
+    # What start-up allocated lives as long as the process, and so, nearly, do the
+    # sockets: both are kept out of the cycle collector's scans (notifyd.gcpolicy).
     gcpolicy.install()
     collector = loop.create_task(gcpolicy.run(lambda: (len(gateway.hub), gateway.hub.left)))
     metrics_runner: web.AppRunner | None = None

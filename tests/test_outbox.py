@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from notifyd.auth import Grants, Identity
+from notifyd.auth import NO_GRANTS, Identity
 from notifyd.connection import Outbox, Session
 from notifyd.protocol import text_frame
-
-NO_GRANTS = Grants(frozenset(), ())
 
 
 class CountingTransport:
