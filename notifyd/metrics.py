@@ -63,7 +63,7 @@ ACKS = Counter("notifyd_client_acks", "Notification acks received from clients")
 RECEIPTS = Counter("notifyd_receipts", "Delivery receipts published, by outcome", ["outcome"])
 GC_PAUSE = Histogram(
     "notifyd_gc_pause_seconds",
-    "Collections run by notifyd's collector policy, by action (freeze, full)",
+    "Collections run by notifyd's collector policy, by action (young, freeze, full)",
     ["action"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
