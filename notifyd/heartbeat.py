@@ -16,9 +16,12 @@ a pong or a message, counts as an answer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections.abc import Callable, Collection
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two slices of sockets.
 TICK = 0.1
@@ -52,6 +55,10 @@ class Heartbeat:
             size = max(1, self.slices(len(batch)))
             for index in range(0, len(batch), size):
                 for socket in batch[index : index + size]:
-                    socket.heartbeat()
+                    try:
+                        socket.heartbeat()
+                    except Exception:
+                        # One socket's failure must not stop the pings of all the others.
+                        log.exception("heartbeat failed for %r", socket)
                 await asyncio.sleep(TICK)
             await asyncio.sleep(max(TICK, started + self.interval - loop.time()))

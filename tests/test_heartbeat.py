@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import websockets
@@ -59,3 +60,27 @@ async def test_client_pings_are_answered_before_and_after_auth(
         await ws.send(json.dumps({"type": "auth", "token": token(new_user())}))
         assert json.loads(await ws.recv())["type"] == "welcome"
         await asyncio.wait_for(await ws.ping(), 2)
+
+
+class _Broken:
+    def heartbeat(self) -> None:
+        raise RuntimeError("boom")
+
+
+class _Counted:
+    def __init__(self) -> None:
+        self.pings = 0
+
+    def heartbeat(self) -> None:
+        self.pings += 1
+
+
+async def test_one_failing_socket_does_not_stop_the_others() -> None:
+    counted = _Counted()
+    heartbeat = Heartbeat(0.2, lambda: [_Broken(), counted])
+    task = asyncio.create_task(heartbeat.run())
+    await asyncio.sleep(0.55)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    assert counted.pings >= 2  # every round reached it, past the broken one
