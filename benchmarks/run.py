@@ -385,14 +385,12 @@ class Bench:
         for repeat in range(1, self.config["repeats"]):
             self.load.disconnect()
             time.sleep(2.0)  # the server notices the closes and cleans up
-            tokens = tokens_for(f"s{repeat}-", sockets)
-            cpu_before = cpu_seconds(self.pid)
-            step = self.load.connect(tokens)
-            cpu = cpu_seconds(self.pid) - cpu_before
-            self.connect_runs.append((sockets / step["seconds"], sockets / max(cpu, 1e-6)))
+            storm = self._storm(tokens_for(f"s{repeat}-", sockets), "")
+            rate, per_cpu = sockets / storm["seconds"], sockets / max(storm["cpu_seconds"], 1e-6)
+            self.connect_runs.append((rate, per_cpu))
             self.log(
-                f"reconnect storm {sockets / step['seconds']:.0f} sockets/s, "
-                f"{sockets / max(cpu, 1e-6):.0f}/CPU s, {step['failures']} failed"
+                f"reconnect storm {rate:.0f} sockets/s, {per_cpu:.0f}/CPU s, "
+                f"{storm['failures']} failed"
             )
         self._connect_result()
 

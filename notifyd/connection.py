@@ -26,7 +26,6 @@ from .auth import AuthError, Identity, TokenVerifier
 from .config import Settings
 from .hub import Hub
 from .protocol import (
-    MAX_CLOSE_REASON,
     PING_FRAME,
     Ack,
     Auth,
@@ -44,6 +43,7 @@ from .protocol import (
     Unsubscribe,
     answer,
     close_frame,
+    close_reason,
     error,
     parse_client_message,
     resume_point,
@@ -292,9 +292,7 @@ class Session:
         if self.closing:
             return
         self.flush()
-        self.closing = True
-        self._held = None
-        self.cancel_timers()
+        self._stop_writing()
         metrics.CLOSES.labels(str(code)).inc()
         transport = self.transport
         if transport is not None and not transport.is_closing():
@@ -303,6 +301,12 @@ class Session:
         self._read_done = loop.create_future()
         self._close_task = loop.create_task(self._finish_close(grace))
 
+    def _stop_writing(self) -> None:
+        """Nothing more is written to this socket but a close frame."""
+        self.closing = True
+        self._held = None
+        self.cancel_timers()
+
     def heartbeat(self) -> None:
         """Ping, or cut off a peer that has not answered the previous ping."""
         if self.closing:
@@ -310,8 +314,7 @@ class Session:
         if self._ping_outstanding:
             metrics.HEARTBEAT_TIMEOUTS.inc()
             log.info("no answer to ping: dropping user=%s session=%s", self.user, self.id)
-            self.closing = True
-            self.cancel_timers()
+            self._stop_writing()
             if self.transport is not None:
                 self.transport.abort()  # the peer is gone: no close handshake to wait for
             return
@@ -402,9 +405,7 @@ async def close_socket(
     metrics.CLOSES.labels(str(code)).inc()
     deadline = asyncio.get_running_loop().time() + grace
     with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-        await asyncio.wait_for(
-            ws.close(code=code, message=reason.encode()[:MAX_CLOSE_REASON]), grace
-        )
+        await asyncio.wait_for(ws.close(code=code, message=close_reason(reason)), grace)
     await cut_off(transport, deadline)
 
 

@@ -429,10 +429,14 @@ PING_FRAME: Final = b"\x89\x00"
 MAX_CLOSE_REASON: Final = 123
 
 
+def close_reason(reason: str) -> bytes:
+    """A close reason cut to fit a control frame, never inside a UTF-8 sequence."""
+    return reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
+
+
 def close_frame(code: int, reason: str) -> bytes:
-    """A server->client close frame (RFC 6455 §5.5.1), the reason cut to fit whole."""
-    data = reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
-    payload = code.to_bytes(2, "big") + data
+    """A server->client close frame (RFC 6455 §5.5.1)."""
+    payload = code.to_bytes(2, "big") + close_reason(reason)
     return struct.pack("!BB", 0x88, len(payload)) + payload
 
 
