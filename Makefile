@@ -8,9 +8,13 @@ BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := rabbitmq-server
 TEST_APT_PACKAGES := rabbitmq-server chromium prometheus
-# The local broker `make run` starts (a private node, not a system service).
+# `make run`: a private RabbitMQ node on DEV_AMQP_PORT, notifyd on DEV_PORT, both on
+# 127.0.0.1. Its keys are published here and in the README (whose snippets use them):
+# for this local demo only, never anywhere else.
 DEV_AMQP_PORT ?= 5672
 DEV_PORT ?= 8080
+DEV_SECRET ?= notifyd-make-run-only-1f0c4e9b2a7d6c35e8
+DEV_SERVICE_KEY ?= dev-service-key
 
 .PHONY: help setup setup-test run test lint format bench clean
 
@@ -46,21 +50,13 @@ setup: $(BIN)/.installed
 setup-test: $(BIN)/.installed
 	$(call apt_install,$(TEST_APT_PACKAGES))
 
+# dev-broker starts notifyd only once its own node answers AMQP, and stops both when
+# either ends; exec makes it make's child, so a SIGTERM to make alone reaches it too.
 run: setup
-	@set -e; mkdir -p .run; \
-	$(BIN)/notifyd dev-broker --dir "$$(mktemp -d /tmp/notifyd-dev-XXXXXX)" --port $(DEV_AMQP_PORT) & broker=$$!; \
-	trap 'kill $$broker 2>/dev/null; wait $$broker 2>/dev/null || true' EXIT; \
-	trap 'exit 0' INT TERM; \
-	for i in $$(seq 1 120); do \
-	  $(PYTHON) -c 'import socket,sys; s=socket.socket(); sys.exit(s.connect_ex(("127.0.0.1",$(DEV_AMQP_PORT))))' && break; \
-	  kill -0 $$broker 2>/dev/null || exit 1; sleep 0.5; \
-	done; \
-	sleep 2; \
-	echo; echo "  open http://127.0.0.1:$(DEV_PORT)/demo   (Ctrl-C stops notifyd and RabbitMQ)"; echo; \
-	NOTIFYD_AMQP_URL=amqp://guest:guest@127.0.0.1:$(DEV_AMQP_PORT)/ \
-	NOTIFYD_AUTH_SECRET=dev-secret-change-me-dev-secret-change-me \
-	NOTIFYD_API_SERVICE_KEYS=dev-service-key \
-	$(BIN)/notifyd serve --demo --port $(DEV_PORT)
+	@echo "starting RabbitMQ, then notifyd: http://127.0.0.1:$(DEV_PORT)/demo (Ctrl-C stops both)"
+	@exec env NOTIFYD_AUTH_SECRET=$(DEV_SECRET) NOTIFYD_API_SERVICE_KEYS=$(DEV_SERVICE_KEY) \
+	  $(BIN)/notifyd dev-broker --port $(DEV_AMQP_PORT) -- \
+	  $(BIN)/notifyd serve --demo --host 127.0.0.1 --port $(DEV_PORT)
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(LINTED)

@@ -3,13 +3,15 @@
 Each worker process holds thousands of sockets as plain asyncio protocols: the
 upgrade is written by hand, incoming frames are split by their headers only, and a
 payload is looked at only to find the send timestamp of latency samples. The parent
-drives workers through pipes (connect, reset counters, read counters, close).
+drives workers through pipes (connect, reset counters, read counters, close). A
+:class:`Probe` pings one socket at a fixed interval and times each ``pong``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import multiprocessing as mp
 import os
 import re
@@ -23,6 +25,7 @@ from benchmarks import lift_fd_limit
 from notifyd.app import install_uvloop
 
 _SENT = re.compile(rb'"sent":\s*([0-9.]+)')
+_REF = re.compile(rb'"ref":\s*([0-9]+)')
 SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"
 
 
@@ -57,6 +60,11 @@ class Stats:
 
 class Client(asyncio.Protocol):
     """One socket. Counts notification frames; the first frame (welcome) authenticates."""
+
+    #: Set on the one socket a :class:`Probe` pings: it takes the pongs.
+    probe: Probe | None = None
+    #: The server's close code, once it sent a close frame.
+    close_code: int | None = None
 
     def __init__(
         self, request: bytes, stats: Stats, welcomed: asyncio.Future[None], socketio: bool
@@ -115,6 +123,8 @@ class Client(asyncio.Protocol):
                 self.transport.write(masked_frame(buffer[start:end], opcode=0xA))
             elif opcode == 0x8:
                 stats.closed += 1
+                if length >= 2:
+                    self.close_code = int.from_bytes(buffer[start : start + 2], "big")
                 if self.transport is not None:
                     self.transport.close()
                 return
@@ -141,6 +151,8 @@ class Client(asyncio.Protocol):
         if self.socketio and end - start == 1 and buffer[start] == 0x32:  # engine.io ping "2"
             self.transport.write(masked_frame(b"3"))  # type: ignore[union-attr]
             return
+        if self.probe is not None and self.probe.answered(buffer[start:end], now):
+            return
         stats.frame(now)
         if stats.latencies is not None and buffer.find(b'"sent"', start, end) >= 0:
             match = _SENT.search(buffer, start, end)
@@ -156,6 +168,71 @@ class Client(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.welcomed.done():
             self.welcomed.set_exception(ConnectionError(f"closed before welcome: {exc}"))
+
+
+class Probe:
+    """Sends ``{"type":"ping","ref":N}`` on one socket every ``interval`` seconds, and
+    times the round trip of each ``{"type":"pong","ref":N}``.
+
+    Times are ``time.perf_counter()``, the system-wide monotonic clock on Linux, so
+    other processes can place the samples on their own timeline.
+    """
+
+    def __init__(self, client: Client, interval: float) -> None:
+        self.client = client
+        self.interval = interval
+        #: Refs sent and not answered yet -> when each was sent.
+        self.pending: dict[int, float] = {}
+        #: (sent at, round trip seconds) of each answered ping.
+        self.samples: list[tuple[float, float]] = []
+        self.sent = 0
+        client.probe = self
+        self.task = asyncio.get_running_loop().create_task(self._ping())
+
+    def _closed(self) -> bool:
+        transport = self.client.transport
+        return transport is None or transport.is_closing()
+
+    async def _ping(self) -> None:
+        started, tick = time.perf_counter(), 0
+        while not self._closed():
+            ref = self.sent
+            self.pending[ref] = time.perf_counter()
+            self.client.transport.write(  # type: ignore[union-attr]
+                masked_frame(b'{"type":"ping","ref":%d}' % ref)
+            )
+            self.sent += 1
+            # The next tick of a fixed schedule; ticks this process missed (it was not
+            # scheduled) are skipped, not made up in a burst.
+            late = math.ceil((time.perf_counter() - started) / self.interval)
+            tick = max(tick + 1, late)
+            await asyncio.sleep(started + tick * self.interval - time.perf_counter())
+
+    def answered(self, payload: bytes, now: float) -> bool:
+        """Whether ``payload`` (a text frame received at ``now``) was a pong to a ping."""
+        if b'"pong"' not in payload:
+            return False
+        match = _REF.search(payload)
+        sent_at = self.pending.pop(int(match.group(1)), None) if match else None
+        if sent_at is None:
+            return False
+        self.samples.append((sent_at, now - sent_at))
+        return True
+
+    async def stop(self, grace: float) -> dict[str, Any]:
+        """Stop pinging; pongs not back within ``grace`` seconds count as missing."""
+        self.task.cancel()
+        deadline = time.perf_counter() + grace
+        while self.pending and not self._closed() and time.perf_counter() < deadline:
+            await asyncio.sleep(0.05)
+        self.client.probe = None
+        return {
+            "sent": self.sent,
+            "missing": len(self.pending),
+            "samples": self.samples,
+            "closed": self._closed(),
+            "close_code": self.client.close_code,
+        }
 
 
 def upgrade_request(host: str, port: int, token: str, socketio: bool, query: str = "") -> bytes:
@@ -204,6 +281,7 @@ async def _worker(pipe: Connection, port: int, socketio: bool) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     clients: list[Client] = []
+    probe: Probe | None = None
     while True:
         command, args = await loop.run_in_executor(None, pipe.recv)
         if command == "connect":
@@ -232,11 +310,19 @@ async def _worker(pipe: Connection, port: int, socketio: bool) -> None:
                     "latencies": stats.latencies or [],
                 }
             )
+        elif command == "probe":
+            probe = Probe(clients[0], args["interval"]) if clients else None
+            pipe.send("ok")
+        elif command == "probe_stop":
+            pipe.send(await probe.stop(args["grace"]) if probe is not None else None)
+            probe = None
         elif command in ("disconnect", "close"):
-            for client in clients:
+            # The oldest ``count`` sockets (all without a count), aborted: a client drop.
+            dropped = clients[: args.get("count")]
+            for client in dropped:
                 if client.transport is not None:
                     client.transport.abort()
-            clients.clear()
+            del clients[: len(dropped)]
             pipe.send("ok")
             if command == "close":
                 return
@@ -302,9 +388,32 @@ class LoadGenerator:
             "latencies": [x for r in results for x in r["latencies"]],
         }
 
-    def disconnect(self) -> None:
-        """Drop every socket at once (a network blip), keeping the workers."""
-        self._all("disconnect", {})
+    def disconnect(self, count: int | None = None) -> None:
+        """Drop every socket at once (a network blip), keeping the workers.
+
+        With ``count``, only that many (in all, spread over the workers), the oldest.
+        """
+        if count is None:
+            self._all("disconnect", {})
+        else:
+            workers = len(self.pipes)
+            shares = [count // workers + (i < count % workers) for i in range(workers)]
+            self._all("disconnect", [{"count": share} for share in shares])
+
+    def probe(self, interval: float) -> None:
+        """Start a :class:`Probe` on each worker's first socket."""
+        self._all("probe", {"interval": interval})
+
+    def probe_results(self, grace: float = 5.0) -> dict[str, Any]:
+        """Stop the probes: pings sent, missing pongs, (sent at, round trip) samples."""
+        results = [r for r in self._all("probe_stop", {"grace": grace}) if r is not None]
+        return {
+            "sent": sum(r["sent"] for r in results),
+            "missing": sum(r["missing"] for r in results),
+            "samples": sorted(s for r in results for s in r["samples"]),
+            "closed": any(r["closed"] for r in results),
+            "close_codes": [r["close_code"] for r in results if r["close_code"] is not None],
+        }
 
     def close(self) -> None:
         self._all("close", {})

@@ -2,6 +2,7 @@
 
     python benchmarks/run.py            # the whole suite (`make bench`), under 10 minutes
     python benchmarks/run.py --quick    # small counts, for development
+    python benchmarks/run.py --quick --scenarios churn --only notifyd naive   # a subset
 
 Every server runs as its own process against one private RabbitMQ node; the load
 generator holds the sockets in two other processes. Results: a JSON file per run in
@@ -21,6 +22,7 @@ import json
 import os
 import random
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 import aio_pika  # noqa: E402
 
+from benchmarks import lift_fd_limit  # noqa: E402
 from benchmarks.loadgen import LoadGenerator  # noqa: E402
 from notifyd.auth import mint_token  # noqa: E402
 from notifyd.broker import EXCHANGE  # noqa: E402
@@ -47,11 +50,26 @@ SECRET = "benchmark-secret-benchmark-secret-123456"
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
 ALL_SERVERS = ["notifyd", "notifyd-2w", "naive", "raw", "socketio", "notifyd-stream"]
+#: Every scenario (``--scenarios``); see benchmarks/README.md.
+SCENARIOS = ["idle", "fanout", "latency", "upstream", "storms", "resume", "churn"]
+#: The scenarios that share one server process with ``config["sockets"]`` sockets open.
+SHARED = {"fanout", "latency", "upstream", "storms"}
+#: The servers whose memory per idle socket is compared (in a process of its own).
+IDLE_SERVERS = ("notifyd", "naive", "socketio")
+#: The servers the churn scenario runs against.
+CHURN_SERVERS = ("notifyd", "naive")
+#: notifyd settings for the churn: the pinger's socket sends 10 messages/s, well under
+#: the rate limit, but a stall of the server's loop bunches them, and the default
+#: burst (40) would close the measuring socket with 4029 after a 4 s stall.
+CHURN_SETTINGS = {"NOTIFYD_WS_RATE_BURST": "1000"}
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+#: File descriptors a server needs besides its sockets (listener, RabbitMQ, logs, ...).
+FD_SPARE = 256
+GC_ACTIONS = ("full", "young", "freeze")
 
 FULL = {
     "sockets": 10_000,
-    "levels": [1_000, 5_000, 10_000, 15_000],
+    "levels": [1_000, 5_000, 10_000, 18_000],
     "repeats": 3,
     "broadcasts": 40,
     "broadcasts_slow": 8,
@@ -63,6 +81,12 @@ FULL = {
     "resume_gap": 10,
     "upstream_sockets": 2_000,
     "upstream_each": 20,
+    "churn_sockets": 15_000,
+    "churn_wave": 5_000,
+    "churn_waves": 2,
+    "ping_interval": 0.1,
+    "churn_lead_seconds": 2.0,
+    "churn_tail_seconds": 3.0,
 }
 QUICK = {
     "sockets": 2_000,
@@ -78,6 +102,12 @@ QUICK = {
     "resume_gap": 5,
     "upstream_sockets": 500,
     "upstream_each": 10,
+    "churn_sockets": 3_000,
+    "churn_wave": 1_000,
+    "churn_waves": 2,
+    "ping_interval": 0.1,
+    "churn_lead_seconds": 1.0,
+    "churn_tail_seconds": 2.0,
 }
 
 
@@ -110,7 +140,15 @@ def cpu_seconds(pid: int) -> float:
     return ticks / CLOCK_TICKS
 
 
-def server_command(kind: str, port: int, amqp_url: str) -> tuple[list[str], dict[str, str]]:
+def fds_fit(sockets: int) -> bool:
+    """Whether a server may hold ``sockets`` sockets under the open-file limit it inherits."""
+    return sockets + FD_SPARE <= resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def server_command(
+    kind: str, port: int, amqp_url: str, settings: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a server; ``settings``: notifyd's only."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kind.startswith("notifyd"):
         env.update(
@@ -122,6 +160,7 @@ def server_command(kind: str, port: int, amqp_url: str) -> tuple[list[str], dict
                 "NOTIFYD_SERVER_WORKERS": "2" if kind == "notifyd-2w" else "1",
                 "NOTIFYD_SERVER_MAX_CONNECTIONS": "100000",
                 "NOTIFYD_HISTORY_BACKEND": "stream" if kind == "notifyd-stream" else "memory",
+                **(settings or {}),
             }
         )
         return [sys.executable, "-m", "notifyd", "--log-level", "WARNING", "serve"], env
@@ -139,9 +178,11 @@ def _probe_path(kind: str) -> str:
 
 
 @contextmanager
-def running(kind: str, amqp_url: str) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def running(
+    kind: str, amqp_url: str, settings: Mapping[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    command, env = server_command(kind, port, amqp_url)
+    command, env = server_command(kind, port, amqp_url, settings)
     # A file, not a pipe: a pipe nobody reads would block a chatty server.
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
@@ -182,11 +223,79 @@ def _wait_until_serving(
     time.sleep(0.5)
 
 
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? (\S+)$", re.M)
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def metrics_text(port: int) -> str | None:
+    """The server's /metrics page; None if it has none (the baselines)."""
+    url = f"http://127.0.0.1:{port}/metrics"
+    try:
+        body: bytes = urllib.request.urlopen(url, timeout=5).read()
+        return body.decode()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return None
+        raise
+
+
+def samples(text: str, metric: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of ``metric`` on a /metrics page: (labels, value)."""
+    return [
+        (dict(_LABEL.findall(labels)), float(value))
+        for name, labels, value in _SAMPLE.findall(text)
+        if name == metric
+    ]
+
+
 def scrape(port: int, metric: str) -> float:
     """Sum of a notifyd metric's samples on /metrics."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    pattern = re.compile(rf"^{re.escape(metric)}(?:{{[^}}]*}})? ([0-9.e+-]+)$", re.M)
-    return sum(float(value) for value in pattern.findall(text))
+    return sum(value for _, value in samples(metrics_text(port) or "", metric))
+
+
+def tracked_objects(port: int) -> float | None:
+    """``notifyd_gc_tracked_objects``; None where the server does not export it."""
+    found = samples(metrics_text(port) or "", "notifyd_gc_tracked_objects")
+    return found[0][1] if found else None
+
+
+def gc_pauses(port: int) -> dict[str, dict[str, float]] | None:
+    """``notifyd_gc_pause_seconds`` by action: ``count``, ``sum`` and the cumulative
+    bucket counts (keyed by their ``le``); None where the server does not export it."""
+    text = metrics_text(port)
+    if text is None or "notifyd_gc_pause_seconds" not in text:
+        return None
+    pauses: dict[str, dict[str, float]] = {action: {} for action in GC_ACTIONS}
+    for suffix in ("count", "sum", "bucket"):
+        for labels, value in samples(text, f"notifyd_gc_pause_seconds_{suffix}"):
+            pauses.setdefault(labels["action"], {})[labels.get("le", suffix)] = value
+    return pauses
+
+
+def pauses_between(
+    before: dict[str, dict[str, float]] | None, after: dict[str, dict[str, float]] | None
+) -> dict[str, dict[str, Any]] | None:
+    """The collections between two :func:`gc_pauses` readings, by action: how many, the
+    seconds they took in all, and the histogram bucket the longest fell in (``"<= 2.5"``,
+    ``"> 2.5"`` beyond the last bound; None without a collection)."""
+    if before is None or after is None:
+        return None
+    between: dict[str, dict[str, Any]] = {}
+    for action, now in after.items():
+        delta = {key: value - before.get(action, {}).get(key, 0.0) for key, value in now.items()}
+        count = delta.get("count", 0.0)
+        bounds = sorted((float(key), key) for key in delta if key not in ("count", "sum"))
+        longest = None
+        for index, (bound, key) in enumerate(bounds):
+            if count and delta[key] >= count:
+                longest = f"<= {key}" if bound != float("inf") else f"> {bounds[index - 1][1]}"
+                break
+        between[action] = {
+            "count": int(count),
+            "seconds": delta.get("sum", 0.0),
+            "longest": longest,
+        }
+    return between
 
 
 # --- publishing --------------------------------------------------------------------------
@@ -294,63 +403,107 @@ def tokens_for(prefix: str, count: int) -> list[str]:
 
 
 class Bench:
-    """The scenarios, run against one server process."""
+    """The scenarios against one kind of server: one process for those that share its
+    open sockets, a fresh one for the idle sockets, and another for the churn."""
 
-    def __init__(self, kind: str, amqp_url: str, config: dict[str, Any]) -> None:
+    def __init__(
+        self, kind: str, amqp_url: str, config: dict[str, Any], scenarios: set[str]
+    ) -> None:
         self.kind = kind
         self.amqp_url = amqp_url
         self.config = config
+        self.scenarios = scenarios
         self.result: dict[str, Any] = {"server": kind}
 
     def run(self) -> dict[str, Any]:
-        with running(self.kind, self.amqp_url) as (process, port):
+        wanted = self.scenarios
+        if self.kind == "notifyd-stream":
+            if "resume" in wanted:
+                with self.serving():
+                    self.resume_storm()
+        elif wanted & SHARED:
+            with self.serving():
+                self.open_sockets()
+                if "fanout" in wanted:
+                    self.fanout()
+                if "latency" in wanted and self.kind != "notifyd-2w":
+                    self.per_user_latency()
+                if "upstream" in wanted and self.kind == "notifyd":
+                    self.upstream()
+                # socket.io's storms after a mass disconnect take over a minute each.
+                if "storms" in wanted and self.kind not in ("notifyd-2w", "socketio"):
+                    self.reconnect_storms()
+        if "idle" in wanted and self.kind in IDLE_SERVERS:
+            with self.serving():
+                self.idle_sockets()
+        if "churn" in wanted and self.kind in CHURN_SERVERS:
+            with self.serving(CHURN_SETTINGS):
+                self.churn()
+        return self.result
+
+    @contextmanager
+    def serving(self, settings: Mapping[str, str] | None = None) -> Iterator[None]:
+        """A fresh server process, and a load generator for it."""
+        with running(self.kind, self.amqp_url, settings) as (process, port):
             self.pid, self.port = process.pid, port
             self.load = LoadGenerator(port, workers=2, socketio=self.kind == "socketio")
             try:
-                if self.kind == "notifyd-stream":
-                    self.resume_storm()
-                else:
-                    self.sockets_and_fanout()
-                    if self.kind != "notifyd-2w":
-                        self.per_user_latency()
-                    if self.kind == "notifyd":
-                        self.upstream()
-                    self.more_idle_sockets()
-                    # socket.io's storms after a mass disconnect take over a minute each.
-                    if self.kind not in ("notifyd-2w", "socketio"):
-                        self.reconnect_storms()
+                yield
             finally:
                 self.load.close()
-        return self.result
 
     def log(self, text: str) -> None:
         print(f"  {self.kind}: {text}", flush=True)
 
-    def _rss_step(self, level: int) -> None:
-        time.sleep(1.0)
-        per_socket = (rss_kib(self.pid) - self.base_rss) / level
-        self.result["rss_kib_per_socket"][str(level)] = per_socket
-        self.log(f"{level} sockets open, {per_socket:.1f} KiB/socket")
-
-    def sockets_and_fanout(self) -> None:
+    def open_sockets(self) -> None:
+        """The first ``sockets`` sockets, in steps of ``levels``: the connect storm."""
         sockets = self.config["sockets"]
-        self.tokens = tokens_for("b", max(self.config["levels"]))
-        self.base_rss = rss_kib(self.pid)
-        self.result["rss_kib_per_socket"] = {}
-        seconds, cpu, self.opened = 0.0, 0.0, 0
-        for level in (lv for lv in self.config["levels"] if lv <= sockets):
+        tokens = tokens_for("b", sockets)
+        seconds, cpu, opened = 0.0, 0.0, 0
+        for level in (*(lv for lv in self.config["levels"] if lv < sockets), sockets):
             cpu_before = cpu_seconds(self.pid)
-            step = self.load.connect(self.tokens[self.opened : level])
+            step = self.load.connect(tokens[opened:level])
             cpu += cpu_seconds(self.pid) - cpu_before
             seconds += step["seconds"]
-            self.opened = level
+            opened = level
             if step["failures"]:
                 self.log(f"{step['failures']} connects failed")
-            self._rss_step(level)
+            time.sleep(1.0)
         self.connect_runs = [(sockets / seconds, sockets / max(cpu, 1e-6))]
         self._connect_result()
         self.result["connect_failures"] = sockets - self.load.stats()["welcomed"]
         self.log(f"connect storm {self.result['connect_rate']:.0f} sockets/s")
+
+    def idle_sockets(self) -> None:
+        """RSS (and GC-tracked objects, where the server exports them) per socket at each
+        of ``levels`` sockets open, in a server process that has done nothing else."""
+        levels = [level for level in self.config["levels"] if fds_fit(level)]
+        skipped = [level for level in self.config["levels"] if level not in levels]
+        if skipped:
+            self.log(f"over the open-file limit, skipped: {skipped} sockets")
+        tokens = tokens_for("i", max(levels))
+        base_rss, base_objects = rss_kib(self.pid), tracked_objects(self.port)
+        self.result.update(rss_kib_per_socket={}, gc_objects_per_socket={})
+        opened = 0
+        for level in levels:
+            step = self.load.connect(tokens[opened:level])
+            opened = level
+            if step["failures"]:
+                self.log(f"{step['failures']} connects failed")
+            time.sleep(1.0)
+            per_socket = (rss_kib(self.pid) - base_rss) / level
+            self.result["rss_kib_per_socket"][str(level)] = per_socket
+            text = f"{level} sockets open, {per_socket:.1f} KiB/socket"
+            objects = tracked_objects(self.port)
+            if objects is not None and base_objects is not None:
+                per_socket = (objects - base_objects) / level
+                self.result["gc_objects_per_socket"][str(level)] = per_socket
+                text += f", {per_socket:.1f} GC-tracked objects/socket"
+            self.log(text)
+
+    def fanout(self) -> None:
+        """Broadcasts to every open socket, ``repeats`` times."""
+        sockets = self.config["sockets"]
         count = self.config["broadcasts_slow" if self.kind == "socketio" else "broadcasts"]
         runs, per_cpu = [], []
         for _ in range(self.config["repeats"]):
@@ -459,12 +612,6 @@ class Bench:
         }
         self.log(f"upstream: {self.result['upstream']}")
 
-    def more_idle_sockets(self) -> None:
-        for level in (lv for lv in self.config["levels"] if lv > self.config["sockets"]):
-            self.load.connect(self.tokens[self.opened : level])
-            self.opened = level
-            self._rss_step(level)
-
     def resume_storm(self) -> None:
         """N sockets connect at once; then N more that each resume over a gap, compared."""
         sockets, gap = self.config["resume_sockets"], self.config["resume_gap"]
@@ -482,6 +629,112 @@ class Bench:
         resumed["history_reads"] = scrape(self.port, "notifyd_history_reads_total") - reads_before
         self.result["resume"] = {"sockets": sockets, "gap": gap, "fresh": fresh, "resumed": resumed}
         self.log(f"resume storm: {self.result['resume']}")
+
+    def churn(self) -> None:
+        """Waves of sockets dropping and new users connecting, timed by a separate client.
+
+        ``churn_sockets`` sockets are opened (a user each); then each of ``churn_waves``
+        waves drops the oldest ``churn_wave`` of them and as many new users connect.
+        Another process holds one more socket and pings every ``ping_interval`` s, from
+        ``churn_lead_seconds`` before the first wave until ``churn_tail_seconds`` after
+        the server went quiet after the last: the pong round trips are what a client
+        that stays connected feels.
+        """
+        config = self.config
+        total, size, count = config["churn_sockets"], config["churn_wave"], config["churn_waves"]
+        if not fds_fit(total + 1):
+            self.log(f"churn skipped: {total} sockets are over the open-file limit")
+            return
+        opened = self._storm(tokens_for("c0-", total), "")
+        self.log(f"churn: {total} sockets open in {opened['seconds']:.1f}s")
+        self._until_quiet()
+        pinger = LoadGenerator(self.port, workers=1)
+        try:
+            if pinger.connect(tokens_for("ping", 1))["failures"]:
+                raise RuntimeError(f"{self.kind}: the pinging socket did not connect")
+            pauses_before, rss_before = gc_pauses(self.port), rss_kib(self.pid)
+            pinged_from = time.perf_counter()
+            pinger.probe(config["ping_interval"])
+            time.sleep(config["churn_lead_seconds"])
+            waves = [self._wave(number, size) for number in range(1, count + 1)]
+            time.sleep(config["churn_tail_seconds"])
+            pings = pinger.probe_results()
+        finally:
+            pinger.close()
+        pauses = pauses_between(pauses_before, gc_pauses(self.port))
+        for wave in waves:
+            # The pings sent while the wave and what it left the server to do went on.
+            start, end = wave.pop("started"), wave.pop("ended")
+            during = [rtt for sent, rtt in pings["samples"] if start <= sent < end]
+            wave["pings"] = len(during)
+            wave["rtt_max_ms"] = max(during, default=float("nan")) * 1000
+            wave["from_s"], wave["to_s"] = start - pinged_from, end - pinged_from
+        rtts = [rtt for _, rtt in pings["samples"]]
+        result = self.result["churn"] = {
+            "sockets": total,
+            "wave": size,
+            "initial": opened,
+            "pings": pings["sent"],
+            "pongs": len(rtts),
+            "missing_pongs": pings["missing"],
+            "pinger_closed": pings["closed"],
+            "pinger_close_codes": pings["close_codes"],
+            "rtt_p50_ms": percentile(rtts, 0.5) * 1000,
+            "rtt_p99_ms": percentile(rtts, 0.99) * 1000,
+            "rtt_max_ms": max(rtts, default=float("nan")) * 1000,
+            "rss_kib_before": rss_before,
+            "rss_kib_after": [wave["rss_kib"] for wave in waves],
+            "rss_growth": waves[-1]["rss_kib"] / waves[0]["rss_kib"],
+            "waves": waves,
+            "gc_pauses": pauses,
+            # (seconds since the first ping, round trip ms) of every answered ping.
+            "samples": [
+                (round(sent - pinged_from, 4), round(rtt * 1000, 3))
+                for sent, rtt in pings["samples"]
+            ],
+        }
+        full = (pauses or {}).get("full")
+        self.log(
+            f"churn: {result['pongs']} of {result['pings']} pongs, RTT p50 "
+            f"{result['rtt_p50_ms']:.2f} p99 {result['rtt_p99_ms']:.2f} "
+            f"max {result['rtt_max_ms']:.1f} ms; RSS after each wave "
+            f"{result['rss_kib_after']} KiB; full collections: {full}"
+        )
+
+    def _wave(self, number: int, size: int) -> dict[str, Any]:
+        """Drop the oldest ``size`` sockets and connect ``size`` new users; wait until
+        the server is quiet again."""
+        started, cpu_before = time.perf_counter(), cpu_seconds(self.pid)
+        self.load.disconnect(size)
+        storm = self._storm(tokens_for(f"c{number}-", size), "")
+        seconds = time.perf_counter() - started
+        settle = self._until_quiet()
+        wave = {
+            "started": started,
+            "ended": time.perf_counter(),
+            "seconds": seconds,
+            "connect_seconds": storm["seconds"],
+            "settle_seconds": settle,
+            "cpu_seconds": cpu_seconds(self.pid) - cpu_before,
+            "failures": storm["failures"],
+            "rss_kib": rss_kib(self.pid),
+        }
+        self.log(f"churn wave {number}: {wave}")
+        return wave
+
+    def _until_quiet(self, timeout: float = 30.0) -> float:
+        """Wait (at least 1 s) until the server used under 20 % of a core for 0.5 s:
+        what a wave left it to do (closes, a full collection) is done. Seconds waited."""
+        started = time.perf_counter()
+        time.sleep(0.5)
+        cpu = cpu_seconds(self.pid)
+        while time.perf_counter() - started < timeout:
+            time.sleep(0.5)
+            now = cpu_seconds(self.pid)
+            if now - cpu < 0.1:
+                break
+            cpu = now
+        return time.perf_counter() - started
 
     def _storm(self, tokens: list[str], query: str, replayed: int = 0) -> dict[str, float]:
         self.load.reset()
@@ -503,54 +756,116 @@ class Bench:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]]:
-    """(measure, notifyd, baseline, ratio) rows for the README table."""
+    """(measure, notifyd, baseline, ratio) rows for the README table: each measure that
+    notifyd has in this run, against each baseline that has it too."""
     n = results["notifyd"]
     rows = []
 
     def row(
-        measure: str, value: float, other: str, other_value: float, fmt: str = "{:,.0f}"
+        measure: str,
+        value: float,
+        other: str | None,
+        other_value: float | None,
+        fmt: str = "{:,.0f}",
     ) -> None:
+        if other is None or other_value is None:  # no baseline measures it
+            rows.append((measure, fmt.format(value), "—", "—"))
+            return
         ratio = f"{value / other_value:.2f}" if other_value else "n/a"
         rows.append((measure, fmt.format(value), f"{other}: {fmt.format(other_value)}", ratio))
 
+    def compare(measure: str, key: str, bases: tuple[str, ...]) -> None:
+        for base in bases:
+            if key in n and key in results.get(base, {}):
+                row(measure, n[key], base, results[base][key])
+
     for key, label in (("fanout_per_cpu_s", "per server CPU s"), ("fanout", "per wall s")):
-        for base in ("naive", "socketio", "raw"):
-            if base in results:
-                row(f"broadcast fan-out, frames {label}", n[key], base, results[base][key])
-    if "notifyd-2w" in results:
+        compare(f"broadcast fan-out, frames {label}", key, ("naive", "socketio", "raw"))
+    if "fanout" in n and "fanout" in results.get("notifyd-2w", {}):
         two = results["notifyd-2w"]["fanout"]
         row("fan-out, 2 workers vs 1, frames per wall s", two, "1 worker", n["fanout"])
     for key, label in (("connect_per_cpu_s", "per server CPU s"), ("connect_rate", "per wall s")):
-        for base in ("naive", "socketio", "raw"):
-            if base in results:
-                row(f"connect storm, sockets {label}", n[key], base, results[base][key])
+        compare(f"connect storm, sockets {label}", key, ("naive", "socketio", "raw"))
     for base in ("naive", "socketio"):
-        for level, value in n["rss_kib_per_socket"].items():
-            if base in results and level in results[base]["rss_kib_per_socket"]:
-                other = results[base]["rss_kib_per_socket"][level]
-                row(f"RSS per idle socket at {level}, KiB", value, base, other, "{:.1f}")
+        others = results.get(base, {}).get("rss_kib_per_socket", {})
+        for level, value in n.get("rss_kib_per_socket", {}).items():
+            if level in others:
+                row(f"RSS per idle socket at {level}, KiB", value, base, others[level], "{:.1f}")
+    for level, value in n.get("gc_objects_per_socket", {}).items():
+        row(f"GC-tracked objects per idle socket at {level}", value, None, None, "{:.1f}")
     for base in ("naive", "raw"):
         if "ingest" in n and "ingest" in results.get(base, {}):
             for key, label in (("delivered_per_s", "wall s"), ("delivered_per_cpu_s", "CPU s")):
                 other = results[base]["ingest"][key]
                 row(f"ingest, per-user notifications per {label}", n["ingest"][key], base, other)
+    churn = n.get("churn")
+    if churn:
+        naive = results.get("naive", {}).get("churn", {})
+        for key, measure, fmt in (
+            ("rtt_max_ms", "churn, worst ping round trip, ms", "{:,.1f}"),
+            ("rtt_p99_ms", "churn, ping round trip p99, ms", "{:.2f}"),
+            ("rss_growth", f"churn, RSS after wave {len(churn['waves'])} / after wave 1", "{:.3f}"),
+        ):
+            row(measure, churn[key], "naive", naive.get(key), fmt)
     return rows
+
+
+def _full_collections(pauses: dict[str, dict[str, Any]] | None) -> str:
+    if pauses is None:
+        return "n/a"
+    full = pauses.get("full", {"count": 0})
+    if not full["count"]:
+        return "none"
+    return f"{full['count']}: {full['seconds']:.2f} s in all, longest {full['longest']} s"
+
+
+def churn_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    churns = {kind: result["churn"] for kind, result in results.items() if "churn" in result}
+    if not churns:
+        return []
+    first = next(iter(churns.values()))
+    lines = [
+        "",
+        f"| churn: {first['sockets']:,} sockets, waves of {first['wave']:,} dropped + "
+        f"{first['wave']:,} new | pongs / pings | p50 ms | p99 ms | worst ms "
+        "| RSS after each wave, MiB (last / first) | each wave: wall s + settling s, server CPU s "
+        "| full collections |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, churn in churns.items():
+        pongs = f"{churn['pongs']:,} / {churn['pings']:,}"
+        if churn["pinger_closed"]:
+            pongs += f" (closed by the server: {churn['pinger_close_codes']})"
+        rss = " → ".join(f"{kib / 1024:,.0f}" for kib in churn["rss_kib_after"])
+        waves = "; ".join(
+            f"{w['seconds']:.1f} + {w['settle_seconds']:.1f}, {w['cpu_seconds']:.1f}"
+            for w in churn["waves"]
+        )
+        lines.append(
+            f"| {kind} | {pongs} | {churn['rtt_p50_ms']:.2f} | {churn['rtt_p99_ms']:.2f} "
+            f"| {churn['rtt_max_ms']:,.1f} | {rss} ({churn['rss_growth']:.3f}) | {waves} "
+            f"| {_full_collections(churn['gc_pauses'])} |"
+        )
+    return lines
 
 
 def tables(results: dict[str, dict[str, Any]]) -> str:
     lines = ["| measure | notifyd | baseline | notifyd / baseline |", "|---|---|---|---|"]
     lines += [f"| {m} | {v} | {b} | {r} |" for m, v, b, r in ratios(results)]
-    lines += [
-        "",
-        "| per-user traffic, 1 socket per user | rate | delivered/s | p50 ms | p99 ms | p99.9 ms |",
-        "|---|---|---|---|---|---|",
-    ]
+    if any("latency" in result for result in results.values()):
+        lines += [
+            "",
+            "| per-user traffic, 1 socket per user | rate | delivered/s | p50 ms | p99 ms "
+            "| p99.9 ms |",
+            "|---|---|---|---|---|---|",
+        ]
     for kind, result in results.items():
         for rate, v in result.get("latency", {}).items():
             lines.append(
                 f"| {kind} | {rate}/s | {v['delivered_per_s']:,.0f} | {v['p50_ms']:.2f} "
                 f"| {v['p99_ms']:.2f} | {v['p999_ms']:.2f} |"
             )
+    lines += churn_table(results)
     up = results["notifyd"].get("upstream")
     if up:
         lines += [
@@ -573,12 +888,17 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+def write_outputs(results: dict[str, dict[str, Any]], meta: dict[str, Any], readme: bool) -> None:
+    """The run's JSON; with ``readme`` (a run of every scenario) the README table and plot."""
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = json.dumps({"meta": meta, "results": results}, indent=2)
     (RESULTS / f"run-{stamp}.json").write_text(payload)
+    print(f"results/run-{stamp}.json written")
     table = tables(results)
+    print(table)
+    if not readme:
+        return
     text = README.read_text() if README.exists() else ""
     start, end = "<!-- results:start -->", "<!-- results:end -->"
     block = f"{start}\nRun {stamp} ({meta['mode']}, {meta['machine']}):\n\n{table}\n{end}"
@@ -588,7 +908,6 @@ def write_outputs(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> N
         text += "\n" + block + "\n"
     README.write_text(text)
     plot(results, RESULTS / "latency.png")
-    print(table)
 
 
 def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
@@ -620,23 +939,35 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="small counts (about 2 minutes)")
-    parser.add_argument("--only", nargs="*", choices=ALL_SERVERS, default=ALL_SERVERS)
+    parser.add_argument("--quick", action="store_true", help="small counts (about 3 minutes)")
+    parser.add_argument(
+        "--only", nargs="*", choices=ALL_SERVERS, default=ALL_SERVERS, help="these servers"
+    )
+    parser.add_argument(
+        "--scenarios",
+        nargs="*",
+        choices=SCENARIOS,
+        default=SCENARIOS,
+        help="these scenarios (a subset leaves the README table and the plot alone)",
+    )
     args = parser.parse_args()
     config = QUICK if args.quick else FULL
+    scenarios = set(args.scenarios)
+    lift_fd_limit()  # the servers and the load generator inherit it
     started = time.monotonic()
     results: dict[str, dict[str, Any]] = {}
     with RabbitNode() as node:
         for kind in args.only:
             print(f"== {kind}", flush=True)
-            results[kind] = Bench(kind, node.amqp_url, config).run()
+            results[kind] = Bench(kind, node.amqp_url, config, scenarios).run()
     meta = {
         "mode": "quick" if args.quick else "full",
+        "scenarios": [name for name in SCENARIOS if name in scenarios],
         "seconds": time.monotonic() - started,
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
     }
     if "notifyd" in results:
-        write_outputs(results, meta)
+        write_outputs(results, meta, readme=scenarios == set(SCENARIOS))
     else:
         print(json.dumps(results, indent=2))
     print(f"done in {meta['seconds']:.0f}s")

@@ -26,11 +26,12 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from . import gcpolicy, metrics
+from . import gcpolicy, metrics, redact
 from .auth import TokenVerifier, mint_token
 from .broker import Broker
 from .config import Settings
-from .connection import BrokerUnavailable, SocketServer
+from .connection import SocketServer
+from .errors import BrokerUnavailable, NotifydError
 from .heartbeat import Heartbeat
 from .history import MemoryHistory, RecentIds
 from .hub import Hub
@@ -49,6 +50,7 @@ from .protocol import (
     valid_event,
     valid_name,
 )
+from .revocations import RevocationLog
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,9 @@ class Gateway:
     def __init__(self, settings: Settings, replica_id: str | None = None) -> None:
         self.settings = settings
         self.verifier = TokenVerifier(settings.auth)
+        self.revocations = RevocationLog(
+            self.verifier, settings.auth.revocation_max_age, self._close_revoked
+        )
         history_settings = settings.history
         self.history: MemoryHistory | None = None
         if history_settings.backend == "memory":
@@ -88,7 +93,7 @@ class Gateway:
             self.verifier,
             self.broker,
             replay=self._replay_memory if self.history is not None else None,
-            routable=self.broker.wait_routable,
+            routing=self.broker,
         )
         self.stream: Any = None
         if history_settings.backend == "stream":
@@ -114,14 +119,30 @@ class Gateway:
             closed = self.hub.disconnect_user(command.user)
             log.info("control: disconnected user %s (%d sockets here)", command.user, closed)
         elif isinstance(command, Revoke):
-            self.verifier.revoke(command.token_ids, command.until)
-            revoked = set(command.token_ids)
-            closed = 0
-            for subscriber in self.sockets.sessions():
-                if subscriber.identity.token_id in revoked:
-                    subscriber.close_soon(CloseCode.UNAUTHORIZED, "token revoked")
-                    closed += 1
-            log.info("control: revoked %d token ids (%d sockets here)", len(revoked), closed)
+            if not self.verifier.revoke(command.token_ids, command.until):
+                log.info("control: revocation of %d token ids has expired", len(command.token_ids))
+                return
+            closed = self._close_revoked(set(command.token_ids))
+            log.info(
+                "control: revoked %d token ids (%d sockets here)", len(command.token_ids), closed
+            )
+            max_age = self.settings.auth.revocation_max_age
+            if command.until > time.time() + max_age:
+                log.warning(
+                    "control: a revocation lasts past [auth] revocation_max_age (%.0fs): "
+                    "replicas that start after that will not know it",
+                    max_age,
+                )
+
+    def _close_revoked(self, token_ids: set[str]) -> int:
+        """Close the sockets whose tokens were revoked; returns how many."""
+        closed = 0
+        for subscriber in self.sockets.sessions():
+            identity = subscriber.identity
+            if identity is not None and identity.token_id in token_ids:
+                subscriber.close_soon(CloseCode.UNAUTHORIZED, "token revoked")
+                closed += 1
+        return closed
 
     async def _replay_memory(
         self, since: ResumePoint, channels: list[Channel], before_seq: int | None
@@ -137,6 +158,7 @@ class Gateway:
         return self.broker.connected.is_set() and not self.draining
 
     async def start(self) -> None:
+        self.broker.on_connected.append(self.revocations.on_connected)
         if self.stream is not None:
             self.broker.on_connected.append(self.stream.on_connected)
         loop = asyncio.get_running_loop()
@@ -161,6 +183,7 @@ class Gateway:
 
     async def stop(self) -> None:
         await self.drain()
+        await self.sockets.close()
         self.hub.close()
         await self.broker.close()
         for task in (self._broker_task, self._heartbeat_task):
@@ -207,6 +230,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics_endpoint(request: web.Request) -> web.Response:
     if GATEWAY in request.app:
         metrics.READY.set(1 if request.app[GATEWAY].ready else 0)
+    metrics.GC_TRACKED.set(gcpolicy.tracked_objects())
     response = web.Response(body=generate_latest(REGISTRY))
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
@@ -239,6 +263,9 @@ async def _publish_from_http(request: web.Request) -> web.Response:
         notification_id = await gateway.broker.publish(
             channel, event, body["data"], message_id=message_id
         )
+    except ProtocolError as exc:
+        # What the replicas would dead-letter is refused here, not answered 202.
+        return _json_error(413 if exc.code == "too_big" else 400, exc.code, exc.message)
     except BrokerUnavailable as exc:
         return _json_error(503, "broker_unavailable", str(exc))
     return web.json_response({"id": notification_id}, status=202)
@@ -304,6 +331,8 @@ async def index(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, replica_id: str | None = None) -> web.Application:
     """The aiohttp application; its cleanup context owns the gateway's lifecycle."""
+    # Before anything is served: aiohttp's reports of malformed requests quote them.
+    redact.install()
     app = web.Application(client_max_size=settings.api.max_body_size)
     gateway = Gateway(settings, replica_id)
     app[GATEWAY] = gateway
@@ -347,12 +376,82 @@ class AccessLogger(AbstractAccessLogger):
 
 
 #: Options for every aiohttp runner that serves the app (also used by the tests).
-RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger}
+RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "logger": redact.SERVER_LOG}
+
+
+def runner_options(settings: Settings) -> dict[str, Any]:
+    """:data:`RUNNER_OPTIONS` plus the settings' handshake timeout.
+
+    aiohttp's keep-alive timeout also runs from the moment a connection opens until
+    its first request is whole: as the handshake timeout it cuts off clients that
+    never send a request, or dribble its header lines.
+    """
+    return {**RUNNER_OPTIONS, "keepalive_timeout": settings.server.handshake_timeout}
+
+
 #: Pending-connection queue of the listening socket (capped by net.core.somaxconn).
 LISTEN_BACKLOG = 4096
 
 
 # --- running a process ---------------------------------------------------------------
+
+
+class ServeError(NotifydError):
+    """Serving failed in a way the operator must fix (a port taken, a worker that died);
+    the message says why in one line."""
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _listen(site: web.TCPSite, host: str, port: int) -> None:
+    try:
+        await site.start()
+    except OSError as exc:  # taken, not permitted, or a host name that does not resolve
+        # asyncio's message repeats the address: the errno's own text says it all
+        # (a resolver error has a negative one and its text in strerror).
+        if exc.errno is not None and exc.errno > 0:
+            reason = os.strerror(exc.errno)
+        else:
+            reason = exc.strerror or str(exc)
+        raise ServeError(f"cannot listen on {_address(host, port)}: {reason}") from None
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; returns the limit in force.
+
+    Every socket is a file descriptor: a shell's usual soft limit of 1024 would cap a
+    replica at ~1,000 sockets whatever ``max_connections`` says, and only the hard
+    limit needs privileges to raise.
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (Windows)
+        return -1
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    unlimited = resource.RLIM_INFINITY
+    # An unlimited hard limit (macOS) cannot be the soft one: a file count needs a number.
+    target = hard if hard != unlimited else 1_048_576
+    raised = ""
+    if soft != unlimited and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, target, exc)
+        else:
+            raised, soft = f" (raised from {soft})", target
+    if soft != unlimited and soft < max_connections:
+        log.warning(
+            "open files limit: %d%s, below [server] max_connections (%d): raise the hard "
+            "limit (ulimit -Hn, LimitNOFILE=) to hold that many sockets",
+            soft,
+            raised,
+            max_connections,
+        )
+    else:
+        log.info("open files limit: %s%s", "unlimited" if soft == unlimited else soft, raised)
+    return soft
 
 
 async def serve(
@@ -361,10 +460,14 @@ async def serve(
     """Run one replica until SIGTERM/SIGINT, then shut down in order."""
     server = settings.server
     loop = asyncio.get_running_loop()
+    raise_open_files_limit(server.max_connections)
     app = create_app(settings, replica_id)
     gateway = app[GATEWAY]
     runner = web.AppRunner(
-        app, handle_signals=False, shutdown_timeout=server.shutdown_timeout, **RUNNER_OPTIONS
+        app,
+        handle_signals=False,
+        shutdown_timeout=server.shutdown_timeout,
+        **runner_options(settings),
     )
     await runner.setup()
     # A reconnect storm opens thousands of sockets at once: with aiohttp's default
@@ -372,18 +475,28 @@ async def serve(
     site = web.TCPSite(
         runner, server.host, server.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None
     )
-    await site.start()
+    metrics_runner: web.AppRunner | None = None
+    try:
+        await _listen(site, server.host, server.port)
+        if server.metrics_port:
+            metrics_runner = web.AppRunner(
+                metrics_app(), handle_signals=False, **runner_options(settings)
+            )
+            await metrics_runner.setup()
+            metrics_site = web.TCPSite(
+                metrics_runner, server.host, server.metrics_port, reuse_port=reuse_port or None
+            )
+            await _listen(metrics_site, server.host, server.metrics_port)
+    except ServeError:
+        # Undo what started (the broker connection among it) before saying why.
+        for opened in (metrics_runner, runner):
+            if opened is not None:
+                await opened.cleanup()
+        raise
     # What start-up allocated lives as long as the process, and so, nearly, do the
     # sockets: both are kept out of the cycle collector's scans (notifyd.gcpolicy).
     gcpolicy.install()
     collector = loop.create_task(gcpolicy.run(lambda: (len(gateway.hub), gateway.hub.left)))
-    metrics_runner: web.AppRunner | None = None
-    if server.metrics_port:
-        metrics_runner = web.AppRunner(metrics_app(), handle_signals=False, **RUNNER_OPTIONS)
-        await metrics_runner.setup()
-        await web.TCPSite(
-            metrics_runner, server.host, server.metrics_port, reuse_port=reuse_port or None
-        ).start()
     log.info(
         "notifyd listening on http://%s:%d (ws /ws, metrics %s)",
         server.host,
@@ -461,8 +574,15 @@ def run(settings: Settings) -> None:
     signal.signal(signal.SIGINT, forward)
     for process in processes:
         process.join()
+    failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode]
+    if failed:
+        raise ServeError(f"{', '.join(failed)}: see the log above")
 
 
 def _worker_main(settings: Settings, replica_id: str, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(settings, replica_id, reuse_port=True)
+    try:
+        run_worker(settings, replica_id, reuse_port=True)
+    except ServeError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None

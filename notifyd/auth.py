@@ -27,11 +27,20 @@ log = logging.getLogger(__name__)
 
 
 class AuthError(Exception):
-    """A token was refused; ``reason`` is the metric label, the message is for the log."""
+    """A token was refused; ``reason`` is the metric label, the message is for the log.
+
+    The message is logged and sent as a close reason: it is made of fixed text,
+    never of the token's own header or claims, and any control character that
+    slips in anyway is escaped so that no token can forge a log line.
+    """
 
     def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
+        super().__init__(_printable(message))
         self.reason = reason
+
+
+def _printable(text: str) -> str:
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,32 +94,60 @@ def decode_identity(
 
     Pure: the clock is a parameter. Refuses ``alg: none`` and any algorithm outside
     the allow-list (which also rules out HS/RS key confusion), unknown ``crit``
-    headers, a missing or past ``exp``, a future ``nbf``/``iat``, a wrong ``aud`` or
-    ``iss``, and a user id that could widen an AMQP binding.
+    headers, a missing or past ``exp``, a future ``nbf``/``iat``, time claims that
+    are not finite unix times, a wrong ``aud`` or ``iss``, and a user id that could
+    widen an AMQP binding. Raises only :class:`AuthError`.
     """
     try:
         claims = _decode_at(token, key, settings, time.time() if now is None else now)
-    except jwt.ExpiredSignatureError:
-        raise AuthError("expired", "token has expired") from None
-    except jwt.ImmatureSignatureError:
-        raise AuthError("not_yet_valid", "token is not valid yet (nbf/iat)") from None
-    except jwt.InvalidAudienceError:
-        raise AuthError("audience", "token audience does not match") from None
-    except jwt.InvalidIssuerError:
-        raise AuthError("issuer", "token issuer does not match") from None
-    except jwt.InvalidAlgorithmError:
-        raise AuthError("algorithm", "token algorithm is not allowed") from None
-    except jwt.MissingRequiredClaimError as exc:
-        raise AuthError("claims", f"token lacks required claim '{exc.claim}'") from None
-    except jwt.InvalidSignatureError:
-        raise AuthError("signature", "token signature does not verify") from None
-    except (jwt.InvalidKeyError, jwt.PyJWKError):
-        raise AuthError("algorithm", "token does not fit the configured key") from None
-    except jwt.DecodeError:
-        raise AuthError("malformed", "token is malformed") from None
-    except jwt.InvalidTokenError as exc:
-        raise AuthError("claims", f"token refused: {exc}") from None
+    except jwt.PyJWTError as exc:
+        raise _refusal(exc) from None
     return _identity(claims, settings)
+
+
+#: PyJWT's exceptions, most specific first, and what each refusal is counted as.
+#: The messages are fixed: PyJWT's own quote the token (e.g. an unknown ``crit``).
+_REFUSALS: tuple[tuple[type[jwt.PyJWTError], str, str], ...] = (
+    (jwt.ExpiredSignatureError, "expired", "token has expired"),
+    (jwt.ImmatureSignatureError, "not_yet_valid", "token is not valid yet (nbf/iat)"),
+    (jwt.InvalidAudienceError, "audience", "token audience does not match"),
+    (jwt.InvalidIssuerError, "issuer", "token issuer does not match"),
+    (jwt.InvalidAlgorithmError, "algorithm", "token algorithm is not allowed"),
+    (jwt.InvalidSignatureError, "signature", "token signature does not verify"),
+    (jwt.InvalidKeyError, "algorithm", "token does not fit the configured key"),
+    (jwt.PyJWKError, "algorithm", "token does not fit the configured key"),
+    (jwt.DecodeError, "malformed", "token is malformed"),
+)
+
+
+def _refusal(exc: jwt.PyJWTError) -> AuthError:
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        # The claim name comes from notifyd's own options (exp, aud, iss).
+        return AuthError("claims", f"token lacks required claim '{exc.claim}'")
+    for kind, reason, message in _REFUSALS:
+        if isinstance(exc, kind):
+            return AuthError(reason, message)
+    # Unknown crit, a kid that is not a string, ...: refused, never quoted.
+    return AuthError("claims", "token header or claims are not acceptable")
+
+
+#: Time claims beyond this (9999-12-31) are refused: every later use of them (an
+#: integer in ``welcome``, a timer delay) must stay in range.
+MAX_UNIX_TIME: Final = 253_402_300_799
+
+
+def _time_claim(claims: Mapping[str, Any], claim: str) -> float | None:
+    """A time claim as a finite number of seconds in range, or None when absent."""
+    value = claims.get(claim)
+    if value is None:
+        return None
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 <= value <= MAX_UNIX_TIME  # False for NaN, so NaN is refused too
+    ):
+        raise AuthError("malformed", f"'{claim}' must be a unix time in seconds")
+    return float(value)
 
 
 def _decode_at(token: str, key: Any, settings: AuthSettings, now: float) -> dict[str, Any]:
@@ -129,18 +166,13 @@ def _decode_at(token: str, key: Any, settings: AuthSettings, now: float) -> dict
             "verify_iat": False,
         },
     )
-    exp = claims.get("exp")
-    if not isinstance(exp, int | float) or isinstance(exp, bool):
-        raise jwt.DecodeError("exp must be a number")
+    exp = _time_claim(claims, "exp")
+    assert exp is not None  # required above
     if exp + settings.leeway <= now:
         raise jwt.ExpiredSignatureError
     for claim in ("nbf", "iat"):
-        value = claims.get(claim)
-        if value is None:
-            continue
-        if not isinstance(value, int | float) or isinstance(value, bool):
-            raise jwt.DecodeError(f"{claim} must be a number")
-        if value > now + settings.leeway:
+        value = _time_claim(claims, claim)
+        if value is not None and value > now + settings.leeway:
             raise jwt.ImmatureSignatureError
     return claims
 
@@ -228,6 +260,25 @@ def _load_public_key(value: str) -> str:
     return Path(value).read_text()
 
 
+#: Seconds a token with a ``jti`` waits for the first read of the shared revocation
+#: list (see :meth:`TokenVerifier.expect_shared_revocations`) before it is refused.
+REVOCATIONS_WAIT: Final = 5.0
+#: The revocation list is swept of expired entries when it reaches this size, then
+#: at twice the size left, so that applying many revocations stays linear.
+_SWEEP_MIN: Final = 1024
+#: Seconds between two log lines about tokens that made the verifier itself fail.
+_LOG_INTERVAL: Final = 60.0
+
+
+def _key_id(token: str) -> str | None:
+    """The ``kid`` of a token's header (unverified: it only picks the JWKS key)."""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.PyJWTError as exc:
+        raise _refusal(exc) from None
+    return kid if isinstance(kid, str) else None
+
+
 class TokenVerifier:
     """Verifies tokens with the configured key source and a revocation list."""
 
@@ -243,29 +294,117 @@ class TokenVerifier:
             self._key = settings.secret
         #: Revoked token ids and when they may be forgotten (their own exp).
         self._revoked: dict[str, float] = {}
+        self._sweep_at = _SWEEP_MIN
+        #: Set once the shared revocation list has been read; None when revocations
+        #: are only what this process is told.
+        self._revocations_read: asyncio.Event | None = None
+        self._failure_logged = float("-inf")
 
     async def verify(self, token: str, now: float | None = None) -> Identity:
+        """The identity ``token`` carries; any token that is not accepted raises AuthError."""
         key = self._key
         if self._jwks is not None:
             try:
-                kid = jwt.get_unverified_header(token).get("kid")
-            except jwt.DecodeError:
-                raise AuthError("malformed", "token is malformed") from None
-            key = await self._jwks.key_for(kid if isinstance(kid, str) else None)
-        identity = decode_identity(token, key, self.settings, now)
-        if identity.token_id is not None and identity.token_id in self._revoked:
-            raise AuthError("revoked", "token has been revoked")
+                key = await self._jwks.key_for(_key_id(token))
+            except AuthError:
+                raise
+            except Exception as exc:
+                raise self._unexpected(exc) from None
+        identity = self._decode(token, key, now)
+        if identity.token_id is not None:
+            await self._revocations_known()
+            self._refuse_revoked(identity.token_id, now)
         return identity
 
-    def revoke(self, token_ids: Iterable[str], until: float) -> None:
-        """Refuse these token ids from now on (until ``until``, their expiry)."""
-        now = time.time()
-        self._revoked = {t: u for t, u in self._revoked.items() if u > now}
-        for token_id in token_ids:
-            self._revoked[token_id] = until
+    def verify_local(self, token: str, now: float | None = None) -> Identity | None:
+        """:meth:`verify` without waiting, or None when it would have to wait: for
+        a JWKS key, or for the shared revocation list before a token with a ``jti``.
 
-    def is_revoked(self, token_id: str | None) -> bool:
-        return token_id is not None and token_id in self._revoked
+        Saves a task per connecting socket, and a connect storm is mostly this.
+        """
+        if self._jwks is not None:
+            return None
+        identity = self._decode(token, self._key, now)
+        if identity.token_id is not None:
+            read = self._revocations_read
+            if read is not None and not read.is_set():
+                return None
+            self._refuse_revoked(identity.token_id, now)
+        return identity
+
+    def _decode(self, token: str, key: Any, now: float | None) -> Identity:
+        try:
+            return decode_identity(token, key, self.settings, now)
+        except AuthError:
+            raise
+        except Exception as exc:
+            raise self._unexpected(exc) from None
+
+    def _unexpected(self, exc: Exception) -> AuthError:
+        # Whatever else a hostile token makes a library raise is a refusal, never an
+        # internal error; logged by type only (the text may quote the token).
+        if time.monotonic() - self._failure_logged > _LOG_INTERVAL:
+            self._failure_logged = time.monotonic()
+            log.warning("token verification raised %s: refused", type(exc).__name__)
+        return AuthError("malformed", "token could not be verified")
+
+    def _refuse_revoked(self, token_id: str, now: float | None) -> None:
+        if self.is_revoked(token_id, now):
+            raise AuthError("revoked", "token has been revoked")
+
+    def expect_shared_revocations(self) -> None:
+        """Revocations come from a list shared by the replicas (notifyd.revocations).
+
+        Until :meth:`revocations_read` is called, a token that names a ``jti`` waits
+        (at most :data:`REVOCATIONS_WAIT` seconds) and is then refused: a replica
+        that has not read the list cannot tell whether the token was revoked.
+        """
+        self._revocations_read = asyncio.Event()
+
+    def revocations_read(self) -> None:
+        """The shared revocation list has been read (see :meth:`expect_shared_revocations`)."""
+        if self._revocations_read is not None:
+            self._revocations_read.set()
+
+    async def _revocations_known(self) -> None:
+        read = self._revocations_read
+        if read is None or read.is_set():
+            return
+        try:
+            async with asyncio.timeout(REVOCATIONS_WAIT):
+                await read.wait()
+        except TimeoutError:
+            raise AuthError(
+                "revocations_unavailable", "revoked tokens are not known yet; retry later"
+            ) from None
+
+    def revoke(self, token_ids: Iterable[str], until: float, now: float | None = None) -> bool:
+        """Refuse these token ids until ``until`` (their expiry).
+
+        Returns False, and changes nothing, when ``until`` has passed already.
+        """
+        now = time.time() if now is None else now
+        if not until > now:
+            return False
+        revoked = self._revoked
+        for token_id in token_ids:
+            if revoked.get(token_id, until) <= until:
+                revoked[token_id] = until
+        if len(revoked) >= self._sweep_at:
+            self._revoked = {t: u for t, u in revoked.items() if u > now}
+            self._sweep_at = max(_SWEEP_MIN, 2 * len(self._revoked))
+        return True
+
+    def is_revoked(self, token_id: str | None, now: float | None = None) -> bool:
+        if token_id is None:
+            return False
+        until = self._revoked.get(token_id)
+        return until is not None and until > (time.time() if now is None else now)
+
+    @property
+    def revoked_count(self) -> int:
+        """Token ids in the list (expired ones included until the next sweep)."""
+        return len(self._revoked)
 
     async def close(self) -> None:
         if self._jwks is not None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import random
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import aio_pika
@@ -30,8 +31,8 @@ from aio_pika.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from . import metrics
-from .config import AmqpSettings
-from .connection import BrokerUnavailable
+from .config import AmqpSettings, redact_url
+from .errors import BrokerUnavailable
 from .protocol import (
     CONTROL_ROUTING_KEY,
     FROM_HEADER,
@@ -40,14 +41,19 @@ from .protocol import (
     ControlCommand,
     IdGenerator,
     InvalidMessage,
+    JSONEncodeError,
     Notification,
+    ProtocolError,
     decode_control,
     decode_notification,
     dumps,
+    published_time,
 )
 
 log = logging.getLogger(__name__)
 
+#: Seconds one connection attempt (TCP connect and AMQP handshake) may take.
+CONNECT_TIMEOUT = 10.0
 EXCHANGE = "notifyd"
 DEAD_LETTER_EXCHANGE = "notifyd.dlx"
 DEAD_LETTER_QUEUE = "notifyd.dead"
@@ -69,15 +75,53 @@ def default_replica_id() -> str:
 
 
 async def declare_topology(channel: AbstractChannel) -> None:
-    """The shared, durable names every replica and publisher relies on (idempotent)."""
+    """The shared, durable exchanges every replica and publisher relies on (idempotent).
+
+    Queues with arguments (``notifyd.dead``, the streams) are declared by the
+    replicas only, with :func:`declare_queue`: a publisher that declared them
+    with other arguments would be refused by RabbitMQ.
+    """
     await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    dlx = await channel.declare_exchange(
-        DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
-    )
-    dead = await channel.declare_queue(DEAD_LETTER_QUEUE, durable=True)
-    await dead.bind(dlx)
+    await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     await channel.declare_exchange(UPSTREAM_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     await channel.declare_exchange(RECEIPTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+async def declare_queue(connection: Any, name: str, arguments: dict[str, Any]) -> str | None:
+    """Declare a durable queue with ``arguments``; if it exists with other ones, keep it.
+
+    RabbitMQ refuses to declare an existing queue with different arguments
+    (PRECONDITION_FAILED, which also closes the channel): a queue created by an
+    older notifyd or before a setting changed would otherwise keep every replica
+    from connecting. The declaration gets a channel of its own for that reason.
+    Returns None when the queue has ``arguments``, else RabbitMQ's explanation,
+    for the caller to tell the operator what to do.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(name, durable=True, arguments=arguments)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        return str(exc.args[0] if exc.args else exc)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return None
+
+
+def dead_letter_arguments(settings: AmqpSettings) -> dict[str, Any]:
+    """``notifyd.dead``'s bounds: past either one, the oldest dead letters are dropped.
+
+    None (both 0): the queue is declared without arguments, as notifyd did before
+    it had bounds, e.g. for a queue an operator bounds with a policy instead.
+    """
+    arguments: dict[str, Any] = {}
+    if settings.dead_letter_max_length:
+        arguments["x-max-length"] = settings.dead_letter_max_length
+    if settings.dead_letter_max_bytes:
+        arguments["x-max-length-bytes"] = settings.dead_letter_max_bytes
+    if arguments:
+        arguments["x-overflow"] = "drop-head"
+    return arguments
 
 
 class BindingTable:
@@ -171,40 +215,39 @@ class Broker:
         self._consume_channel: Any = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dead_logged: dict[str, float] = {}
+        self._dead_queue_warned = False
         self._attempts = 0
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
         """Keep the connection up until :meth:`close`; never raises for broker trouble."""
-        delay = self.settings.reconnect_min
+        ceiling = self.settings.reconnect_min
         first = True
         while not self._closing:
             try:
                 await self._connect()
             except (aiormq.AMQPError, OSError, ConnectionError, TimeoutError, RuntimeError) as exc:
-                log.warning(
-                    "broker %s unavailable (%s); retrying in %.1fs",
-                    _redact(self.settings.url),
-                    exc or type(exc).__name__,
-                    delay,
-                )
                 await self._disconnect()
+                problem = f"broker {redact_url(self.settings.url)} unavailable ({_reason(exc)})"
             else:
                 if not first:
                     metrics.BROKER_RECONNECTS.inc()
                 first = False
-                delay = self.settings.reconnect_min
+                ceiling = self.settings.reconnect_min
                 await self._lost.wait()
                 if self.closed:
                     break
-                log.warning("broker connection lost; reconnecting")
                 await self._disconnect()
+                problem = "broker connection lost"
             if self.closed:
                 break
             # Full jitter: replicas that lost the broker together do not return together.
-            await asyncio.sleep(random.uniform(self.settings.reconnect_min, delay))
-            delay = min(self.settings.reconnect_max, delay * 2)
+            # One line per attempt, with the pause actually taken.
+            pause = random.uniform(self.settings.reconnect_min, ceiling)
+            log.warning("%s; reconnecting in %.2fs", problem, pause)
+            await asyncio.sleep(pause)
+            ceiling = min(self.settings.reconnect_max, ceiling * 2)
 
     async def _connect(self) -> None:
         self._lost.clear()
@@ -213,13 +256,14 @@ class Broker:
                 self.settings.url,
                 client_properties={"connection_name": f"notifyd {self.replica_id}"},
             ),
-            timeout=10,
+            timeout=CONNECT_TIMEOUT,
         )
         self._connection = connection
         connection.close_callbacks.add(self._on_lost)
         publisher = await connection.channel(publisher_confirms=True)
         publisher.close_callbacks.add(self._on_lost)
         await declare_topology(publisher)
+        await self._declare_dead_letter_queue(connection, publisher)
         consumer = await connection.channel(publisher_confirms=False)
         consumer.close_callbacks.add(self._on_lost)
         raw = await consumer.get_underlay_channel()
@@ -243,6 +287,27 @@ class Broker:
         log.info(
             "broker connected: queue %s, %d bindings", self.queue_name, len(self.bindings.bound)
         )
+
+    async def _declare_dead_letter_queue(self, connection: Any, channel: Any) -> None:
+        arguments = dead_letter_arguments(self.settings)
+        refused = await declare_queue(connection, DEAD_LETTER_QUEUE, arguments)
+        if refused is not None and not self._dead_queue_warned:
+            # Once per process: the queue stays as it is until the operator acts.
+            self._dead_queue_warned = True
+            log.warning(
+                "queue %s exists with other arguments (%s), e.g. unbounded from an older "
+                "notifyd: it is used as it is, without the configured bounds. To bound it, "
+                "delete it once every replica runs this version (rabbitmqctl delete_queue "
+                "%s; notifyd declares it again) or give it a policy, e.g. rabbitmqctl "
+                "set_policy notifyd-dead '^notifyd\\.dead$' '%s' --apply-to queues, and "
+                "set [amqp] dead_letter_max_length and dead_letter_max_bytes to 0",
+                DEAD_LETTER_QUEUE,
+                refused,
+                DEAD_LETTER_QUEUE,
+                json.dumps(_as_policy(arguments)),
+            )
+        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+        await queue.bind(DEAD_LETTER_EXCHANGE)
 
     def _on_lost(self, *_: Any) -> None:
         self._lost.set()
@@ -302,6 +367,14 @@ class Broker:
             log.warning("binding update failed: %s", exc)
             self._lost.set()
 
+    def is_routable(self, routing_keys: Iterable[str]) -> bool:
+        """Whether RabbitMQ routes all these keys here already (or there is nothing
+        to wait for: while disconnected, keys are bound on reconnect)."""
+        if not self.connected.is_set():
+            return True
+        is_bound = self.bindings.is_bound
+        return all(is_bound(key) for key in routing_keys)
+
     async def wait_routable(self, routing_keys: list[str], timeout: float = 5.0) -> None:
         """Wait until these keys are bound, so what is published next reaches us.
 
@@ -325,17 +398,19 @@ class Broker:
         properties = message.header.properties
         now = time.time()
         try:
+            timestamp = properties.timestamp
+            sent_at = timestamp.timestamp() if timestamp is not None else None
             if routing_key == CONTROL_ROUTING_KEY:
                 metrics.NOTIFICATIONS_RECEIVED.labels("control").inc()
-                self.on_control(decode_control(message.body, now))
+                published = published_time(sent_at, properties.headers)
+                self.on_control(decode_control(message.body, published or now))
             else:
-                timestamp = properties.timestamp
                 self.on_notification(
                     decode_notification(
                         routing_key,
                         message.body,
                         message_id=properties.message_id,
-                        timestamp=timestamp.timestamp() if timestamp is not None else None,
+                        timestamp=sent_at,
                         expiration=properties.expiration,
                         headers=properties.headers,
                         ids=self.ids,
@@ -346,9 +421,9 @@ class Broker:
         except InvalidMessage as exc:
             self._dead_letter(message, exc.reason, str(exc))
         except Exception:
-            # A bug must not kill the consumer: park the message and carry on.
-            log.exception("failed to handle message on %r", routing_key)
-            self._dead_letter(message, "internal_error", "notifyd failed to handle it")
+            # A bug must not kill the consumer: park the message and carry on (the
+            # traceback is logged with the once-a-minute line, not once per message).
+            self._dead_letter(message, "internal_error", "notifyd failed to handle it", True)
         self._ack(delivery.delivery_tag)
 
     def _ack(self, tag: int) -> None:
@@ -366,7 +441,7 @@ class Broker:
             return
         self._spawn(channel.basic_ack(tag, multiple=True))
 
-    def _dead_letter(self, message: Any, reason: str, detail: str) -> None:
+    def _dead_letter(self, message: Any, reason: str, detail: str, exc_info: bool = False) -> None:
         metrics.DEAD_LETTERED.labels(reason).inc()
         metrics.NOTIFICATIONS_DROPPED.labels("invalid").inc()
         now = time.monotonic()
@@ -374,13 +449,14 @@ class Broker:
             # Logged once a minute per reason: a flood of bad messages must not flood logs.
             self._dead_logged[reason] = now
             log.warning(
-                "dead-lettering message id=%s key=%r: %s (%s); further %s messages are "
+                "dead-lettering message id=%r key=%r: %s (%s); further %s messages are "
                 "counted in notifyd_dead_lettered_total",
                 message.header.properties.message_id,
                 message.delivery.routing_key,
                 detail,
                 reason,
                 reason,
+                exc_info=exc_info,
             )
         headers = dict(message.header.properties.headers or {})
         headers.update({
@@ -452,16 +528,18 @@ class Broker:
         sender: str | None = None,
         message_id: str | None = None,
     ) -> str:
-        """Publish a notification through the ``notifyd`` exchange (every replica sees it)."""
+        """Publish a notification through the ``notifyd`` exchange (every replica sees it).
+
+        Raises :class:`ProtocolError` (``too_deep``, ``too_big``) for one that the
+        replicas would dead-letter, before anything is published.
+        """
+        body = notification_body(data, event, self.settings.max_body_size)
         notification_id = message_id or self.ids.new()
-        body: dict[str, Any] = {"data": data}
-        if event is not None:
-            body["event"] = event
         headers: dict[str, Any] = {PUBLISHED_AT_HEADER: int(time.time() * 1000)}
         if sender is not None:
             headers[FROM_HEADER] = sender
         await self._publish_raw(
-            EXCHANGE, channel.routing_key, dumps(body), message_id=notification_id, headers=headers
+            EXCHANGE, channel.routing_key, body, message_id=notification_id, headers=headers
         )
         return notification_id
 
@@ -515,11 +593,49 @@ class Broker:
             metrics.RECEIPTS.labels("delivered" if delivered else "offline").inc()
 
 
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    credentials, _, host = rest.rpartition("@")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}"
+def notification_body(data: Any, event: str | None, max_body_size: int) -> bytes:
+    """The AMQP body of a notification, refused as the replicas would refuse it.
+
+    Checked as published, not as received: a client's or an HTTP caller's JSON
+    may grow when written again (``1e15`` becomes ``1000000000000000.0``).
+    """
+    payload: dict[str, Any] = {"data": data}
+    if event is not None:
+        payload["event"] = event
+    try:
+        body = dumps(payload)
+    except JSONEncodeError:
+        raise ProtocolError("too_deep", "'data' is nested too deeply") from None
+    if len(body) > max_body_size:
+        raise ProtocolError(
+            "too_big",
+            f"the notification is {len(body)} bytes as published; the limit is "
+            f"{max_body_size} ([amqp] max_body_size)",
+        )
+    return body
+
+
+def _as_policy(arguments: dict[str, Any]) -> dict[str, Any]:
+    """Queue arguments as a policy's definition (``x-max-length`` -> ``max-length``)."""
+    return {key.removeprefix("x-"): value for key, value in arguments.items()}
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a connection attempt failed, in words (some of these exceptions have none)."""
+    if isinstance(exc, TimeoutError):
+        return f"no AMQP handshake within {CONNECT_TIMEOUT:g}s: is it an AMQP 0-9-1 broker?"
+    if isinstance(exc.__cause__, asyncio.IncompleteReadError):
+        # aiormq read the peer's answer as an AMQP frame header and waited for the rest.
+        return "the peer broke off the AMQP handshake: is it an AMQP 0-9-1 broker?"
+    return str(exc) or type(exc).__name__
+
+
+class _OneLinePerAttempt(logging.Filter):
+    """aiormq logs every failed connection at ERROR; :meth:`Broker.run` already logs
+    each attempt once, with its reason and the pause before the next one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_OneLinePerAttempt())

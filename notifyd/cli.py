@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, Settings, load
+from .config import ConfigError, Settings, hs_secret_problem, load, require_token_keys
 
 
 def _settings(
@@ -31,9 +31,14 @@ def _serve(args: argparse.Namespace) -> int:
         if value is not None:
             overrides.setdefault(section, {})[key] = value
     settings = _settings(args, overrides)
-    from .app import run
+    require_token_keys(settings)
+    from .app import ServeError, run
 
-    run(settings)
+    try:
+        run(settings)
+    except ServeError as exc:
+        print(f"notifyd: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -83,6 +88,11 @@ def _token(args: argparse.Namespace) -> int:
     if not secret or not algorithm.startswith("HS"):
         print("notifyd token: needs an HS* secret (--secret or [auth] secret)", file=sys.stderr)
         return 2
+    # A token signed with a key `serve` would refuse is of no use to anyone.
+    problem = hs_secret_problem(secret, [algorithm])
+    if problem:
+        print(f"notifyd token: secret: {problem}", file=sys.stderr)
+        return 2
     if not valid_name(args.user):
         print(f"notifyd token: invalid user id {args.user!r}", file=sys.stderr)
         return 2
@@ -100,11 +110,17 @@ def _token(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .config import to_dict
+    from .config import redacted
 
     settings = _settings(args)
-    print(json.dumps(to_dict(settings), indent=2, default=list))
-    print("config OK", file=sys.stderr)
+    # Credentials are masked: this output ends up in terminals, tickets and CI logs.
+    print(json.dumps(redacted(settings), indent=2, default=list))
+    try:
+        require_token_keys(settings)
+    except ConfigError as exc:
+        print(f"config OK for publish/upstream; `notifyd serve` also needs: {exc}", file=sys.stderr)
+    else:
+        print("config OK", file=sys.stderr)
     return 0
 
 
@@ -140,14 +156,10 @@ def _upstream(args: argparse.Namespace) -> int:
 
 
 def _dev_broker(args: argparse.Namespace) -> int:
-    from .devbroker import main
+    from .devbroker import run
 
-    argv = []
-    if args.dir:
-        argv += ["--dir", args.dir]
-    if args.port is not None:
-        argv += ["--port", str(args.port)]
-    return main(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    return run(args.dir, args.port, command)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -203,8 +215,13 @@ def parser() -> argparse.ArgumentParser:
     dev = commands.add_parser(
         "dev-broker", help="run a private local RabbitMQ node for development"
     )
-    dev.add_argument("--dir", help="data directory (default: a temporary one)")
-    dev.add_argument("--port", type=int, help="AMQP port (default 5672)")
+    dev.add_argument("--dir", help="data directory (default: a temporary one, removed at exit)")
+    dev.add_argument("--port", type=int, default=5672, help="AMQP port (default 5672)")
+    dev.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="-- COMMAND: run it once RabbitMQ is up (NOTIFYD_AMQP_URL set), stop both together",
+    )
     dev.set_defaults(func=_dev_broker)
     return root
 

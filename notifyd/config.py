@@ -11,12 +11,17 @@ import json
 import os
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "NOTIFYD_"
+#: What ``check-config`` and error messages show instead of a credential.
+REDACTED = "***"
+#: Field metadata: the whole value is a credential, or a URL whose password is one.
+_CREDENTIAL: Mapping[str, str] = {"redact": "value"}
+_URL_WITH_PASSWORD: Mapping[str, str] = {"redact": "url"}
 
 
 class ConfigError(ValueError):
@@ -37,11 +42,14 @@ class ServerSettings:
     shutdown_timeout: float = 25.0
     #: Sockets one process accepts before answering 1013.
     max_connections: int = 50_000
+    #: Seconds a new TCP connection has to send a whole HTTP request (and an idle
+    #: keep-alive connection stays open): slow or silent clients are cut off.
+    handshake_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
 class AmqpSettings:
-    url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", metadata=_URL_WITH_PASSWORD)
     #: Unacknowledged deliveries the consumer may hold.
     prefetch: int = 2000
     #: Seconds the replica queue outlives a lost connection (x-expires).
@@ -54,15 +62,18 @@ class AmqpSettings:
     max_body_size: int = 262_144
     #: Seconds a message_id is remembered to drop duplicates.
     dedupe_window: float = 120.0
+    #: Bounds of the dead-letter queue notifyd.dead (oldest dropped first); 0: no bound.
+    dead_letter_max_length: int = 100_000
+    dead_letter_max_bytes: int = 104_857_600
 
 
 @dataclass(frozen=True)
 class AuthSettings:
     algorithms: tuple[str, ...] = ("HS256",)
-    secret: str = ""
+    secret: str = field(default="", metadata=_CREDENTIAL)
     #: PEM text or a path to a PEM file.
     public_key: str = ""
-    jwks_url: str = ""
+    jwks_url: str = field(default="", metadata=_URL_WITH_PASSWORD)
     audience: str = ""
     issuer: str = ""
     leeway: float = 5.0
@@ -77,6 +88,8 @@ class AuthSettings:
     jwks_cooldown: float = 30.0
     #: Seconds a fetched JWKS is trusted.
     jwks_cache_ttl: float = 600.0
+    #: Seconds the stream notifyd.revocations keeps revocations (x-max-age).
+    revocation_max_age: float = 604_800.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,12 @@ class WsSettings:
     rate_burst: int = 40
     #: Seconds a user/topic binding is kept after its last socket left.
     binding_grace: float = 5.0
+    #: Sockets upgraded but not yet authenticated, in total and from one client
+    #: address; past either, upgrades are refused with 503 (0: no per-address cap).
+    max_pending: int = 10_000
+    max_pending_per_address: int = 100
+    #: Topics one socket may subscribe to (each may cost a RabbitMQ binding).
+    max_topics: int = 100
 
 
 @dataclass(frozen=True)
@@ -107,12 +126,15 @@ class HistorySettings:
     max_age: float = 300.0
     #: Total notifications kept in memory, across channels.
     max_total: int = 200_000
+    #: Seconds of the stream read for a resume point that carries no time (a
+    #: publisher's own message_id without since_ts): bounds what one resume costs.
+    scan_without_time: float = 60.0
 
 
 @dataclass(frozen=True)
 class ApiSettings:
     #: Keys accepted by POST /api/publish as ``Authorization: Bearer <key>``.
-    service_keys: tuple[str, ...] = ()
+    service_keys: tuple[str, ...] = field(default=(), metadata=_CREDENTIAL)
     max_body_size: int = 262_144
 
 
@@ -148,13 +170,54 @@ SECTIONS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(Settings))
 _HINTS: dict[str, dict[str, Any]] = {
     name: typing.get_type_hints(_section_class(name)) for name in SECTIONS
 }
+#: ``{section: {key: "value" or "url"}}`` for the keys that hold credentials.
+_REDACT: dict[str, dict[str, str]] = {
+    name: {
+        f.name: f.metadata["redact"]
+        for f in dataclasses.fields(_section_class(name))
+        if "redact" in f.metadata
+    }
+    for name in SECTIONS
+}
 
 
-def _coerce(key: str, value: Any, hint: Any, source: str) -> Any:
+def redact_url(url: str) -> str:
+    """The URL with its password masked, for logs and ``check-config``."""
+    scheme, separator, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not separator or not at or ":" not in credentials:
+        return url
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:{REDACTED}@{host}"
+
+
+def redacted(settings: Settings) -> dict[str, dict[str, Any]]:
+    """:func:`to_dict` with every credential masked (an unset one stays empty)."""
+    raw = to_dict(settings)
+    for section, keys in _REDACT.items():
+        for key, kind in keys.items():
+            value = raw[section][key]
+            if kind == "url":
+                raw[section][key] = redact_url(value)
+            elif isinstance(value, tuple):
+                raw[section][key] = tuple(REDACTED for _ in value)
+            elif value:
+                raw[section][key] = REDACTED
+    return raw
+
+
+def _coerce(key: str, value: Any, hint: Any, source: str, redact: str | None = None) -> Any:
     """Turn a TOML or environment value into the type the key declares."""
 
     def fail(expected: str) -> ConfigError:
-        return ConfigError(f"{key}: expected {expected}, got {value!r} (from {source})")
+        # The message ends up on a terminal or in a log: never with a credential in it.
+        if redact == "value":
+            got = "got a value not shown here (a credential)"
+        elif redact == "url" and isinstance(value, str):
+            got = f"got {redact_url(value)!r}"
+        else:
+            got = f"got {value!r}"
+        return ConfigError(f"{key}: expected {expected}, {got} (from {source})")
 
     from_env = isinstance(value, str) and source.startswith(ENV_PREFIX)
     if hint is bool:
@@ -208,7 +271,9 @@ def _merge(raw: dict[str, dict[str, Any]], values: Mapping[str, Any], source: st
             if key not in hints:
                 raise ConfigError(f"[{section}] {key}: unknown key (from {source})")
             origin = f"{ENV_PREFIX}{section}_{key}".upper() if source == "env" else source
-            raw[section][key] = _coerce(f"[{section}] {key}", value, hints[key], origin)
+            raw[section][key] = _coerce(
+                f"[{section}] {key}", value, hints[key], origin, _REDACT[section].get(key)
+            )
 
 
 def _build(raw: Mapping[str, Mapping[str, Any]]) -> Settings:
@@ -268,9 +333,72 @@ _ALGORITHMS = {
 }  # fmt: skip
 
 
+#: RFC 7518 §3.2: an HMAC key must be at least as long as the hash output.
+HS_KEY_BYTES: Mapping[str, int] = {"HS256": 32, "HS384": 48, "HS512": 64}
+#: Fragments that mark a value copied from an example instead of generated, matched
+#: in lower case with everything but letters and digits dropped ("Change_Me" too).
+_PLACEHOLDER_MARKERS = ("changeme", "changeit", "replaceme", "placeholder", "yoursecret")
+_GENERATE_HINT = "generate one, e.g. `openssl rand -hex 32`"
+
+
+def _repeats(text: str) -> bool:
+    """True for one phrase said twice or more ("secretsecret", "aaaa")."""
+    return len(text) > 1 and text in (text + text)[1:-1]
+
+
+def placeholder_problem(value: str) -> str | None:
+    """Why ``value`` looks like an example rather than a credential, or None."""
+    folded = "".join(c for c in value.lower() if c.isascii() and c.isalnum())
+    for marker in _PLACEHOLDER_MARKERS:
+        if marker in folded:
+            return f"looks like a placeholder (contains {marker!r})"
+    if _repeats(folded) or _repeats(value):
+        return "looks like a placeholder (one phrase repeated)"
+    return None
+
+
+def hs_secret_problem(secret: str, algorithms: Iterable[str]) -> str | None:
+    """Why ``secret`` is too weak to sign ``algorithms``' HS* tokens, or None.
+
+    A short or guessable key lets anyone brute-force it offline from one token and
+    then forge tokens for any user.
+    """
+    needed = {alg: HS_KEY_BYTES[alg] for alg in algorithms if alg in HS_KEY_BYTES}
+    if not needed:
+        return None
+    strongest = max(needed, key=needed.__getitem__)
+    size = len(secret.encode())
+    if size < needed[strongest]:
+        return (
+            f"{size} bytes is too short for {strongest}: it needs at least "
+            f"{needed[strongest]} (RFC 7518 §3.2); {_GENERATE_HINT}"
+        )
+    problem = placeholder_problem(secret)
+    return f"{problem}; {_GENERATE_HINT}" if problem else None
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def require_token_keys(settings: Settings) -> None:
+    """Refuse to serve without a key to verify tokens with.
+
+    :func:`validate` checks the keys that are set; only commands that verify tokens
+    (``serve``) need one to be set, so ``publish``, ``upstream`` and ``check-config``
+    work without.
+    """
+    auth = settings.auth
+    if any(a.startswith("HS") for a in auth.algorithms):
+        _check(
+            bool(auth.secret), "[auth] secret: required for HS* algorithms (NOTIFYD_AUTH_SECRET)"
+        )
+    else:
+        _check(
+            bool(auth.public_key or auth.jwks_url),
+            "[auth] public_key: set public_key or jwks_url for RS*/ES*/PS*/EdDSA",
+        )
 
 
 def validate(settings: Settings) -> None:
@@ -285,6 +413,11 @@ def validate(settings: Settings) -> None:
         "[server] shutdown_timeout: must be larger than drain_seconds",
     )
     _check(s.server.max_connections >= 1, "[server] max_connections: must be at least 1")
+    _check(s.server.handshake_timeout > 0, "[server] handshake_timeout: must be > 0")
+    _check(s.history.scan_without_time > 0, "[history] scan_without_time: must be > 0")
+    _check(s.ws.max_pending >= 1, "[ws] max_pending: must be at least 1")
+    _check(s.ws.max_pending_per_address >= 0, "[ws] max_pending_per_address: must be >= 0")
+    _check(s.ws.max_topics >= 0, "[ws] max_topics: must be >= 0")
     _check(
         s.amqp.url.startswith(("amqp://", "amqps://")), "[amqp] url: must be amqp:// or amqps://"
     )
@@ -296,6 +429,8 @@ def validate(settings: Settings) -> None:
     )
     _check(s.amqp.max_body_size >= 64, "[amqp] max_body_size: must be at least 64")
     _check(s.amqp.dedupe_window >= 0, "[amqp] dedupe_window: must be >= 0")
+    _check(s.amqp.dead_letter_max_length >= 0, "[amqp] dead_letter_max_length: must be >= 0")
+    _check(s.amqp.dead_letter_max_bytes >= 0, "[amqp] dead_letter_max_bytes: must be >= 0")
     _check(len(s.auth.algorithms) > 0, "[auth] algorithms: must name at least one algorithm")
     for alg in s.auth.algorithms:
         _check(alg in _ALGORITHMS, f"[auth] algorithms: unsupported algorithm {alg!r}")
@@ -305,15 +440,13 @@ def validate(settings: Settings) -> None:
         not (symmetric and asymmetric),
         "[auth] algorithms: do not mix HS* with RS*/ES*/PS*/EdDSA (key confusion)",
     )
-    if symmetric:
-        _check(
-            bool(s.auth.secret), "[auth] secret: required for HS* algorithms (NOTIFYD_AUTH_SECRET)"
-        )
-    if asymmetric:
-        _check(
-            bool(s.auth.public_key) != bool(s.auth.jwks_url),
-            "[auth] public_key: set exactly one of public_key or jwks_url for RS*/ES*/PS*/EdDSA",
-        )
+    if symmetric and s.auth.secret:
+        problem = hs_secret_problem(s.auth.secret, s.auth.algorithms)
+        _check(problem is None, f"[auth] secret: {problem}")
+    _check(
+        not (s.auth.public_key and s.auth.jwks_url),
+        "[auth] public_key: set only one of public_key or jwks_url",
+    )
     if s.auth.jwks_url:
         _check(
             s.auth.jwks_url.startswith(("https://", "http://")),
@@ -321,6 +454,7 @@ def validate(settings: Settings) -> None:
         )
     _check(s.auth.leeway >= 0, "[auth] leeway: must be >= 0")
     _check(s.auth.auth_timeout > 0, "[auth] auth_timeout: must be > 0")
+    _check(s.auth.revocation_max_age >= 60, "[auth] revocation_max_age: must be at least 60")
     _check(bool(s.auth.user_claim), "[auth] user_claim: must not be empty")
     _check(s.ws.max_message_size >= 256, "[ws] max_message_size: must be at least 256")
     _check(s.ws.heartbeat >= 0, "[ws] heartbeat: must be >= 0")
@@ -347,3 +481,5 @@ def validate(settings: Settings) -> None:
     )
     for key in s.api.service_keys:
         _check(len(key) >= 8, "[api] service_keys: each key must be at least 8 characters")
+        problem = placeholder_problem(key)
+        _check(problem is None, f"[api] service_keys: a key {problem}; {_GENERATE_HINT}")

@@ -1,79 +1,80 @@
-"""One WebSocket from upgrade to close: authentication, its session, client messages.
+"""The ``/ws`` endpoint's I/O: the upgrade, then each socket's transport.
 
-A :class:`Session` is what the hub writes to. Frames are queued on the session
-(never awaited) and written to its transport once per event-loop pass by the
-:class:`Outbox`, so a burst of notifications costs each socket one write, not one
-per frame. What is queued plus the transport's buffer is the socket's bounded
-send buffer: a socket that would pass ``send_buffer_bytes`` is closed with 4009.
-Everything a client sends is parsed by :mod:`notifyd.protocol` and answered here;
-nothing a client sends can reach another user's channel.
+aiohttp serves the upgrade request: :meth:`SocketServer.handle` checks it
+(Origin, draining, header size, the RFC 6455 handshake) and writes the ``101``
+itself. From then on the socket is notifyd's: the transport is handed to a
+:class:`Connection` (``transport.set_protocol``) and aiohttp's request, handler,
+parser and writer are released, so an idle socket costs one small object and
+the transport. Everything the socket does is decided by its
+:class:`~notifyd.session.Session`; the connection only carries bytes in and out,
+runs what the session asks for (verify a token, join the hub, read a replay,
+publish) and feeds the results back.
+
+Memory: a connection holds no closure, no task and no callback that refers back
+to it once it is closed. Its one timer handle (the session's next deadline) is
+cancelled when the connection is lost, so every closed socket is freed by
+reference counting, never left to the cycle collector.
+
+Writes are corked: frames are queued on the session and written once per
+event-loop pass by the :class:`Outbox`, so a burst of notifications costs each
+socket one system call, not one per frame.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import secrets
+import math
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Final, Protocol
 
-from aiohttp import WSMsgType, web
+from aiohttp import web
 
 from . import metrics
 from .auth import AuthError, Identity, TokenVerifier
 from .config import Settings
+from .errors import BrokerUnavailable
 from .hub import Hub
 from .protocol import (
-    PING_FRAME,
-    Ack,
-    Auth,
+    SUBPROTOCOL,
     Channel,
     CloseCode,
     Notification,
-    Ping,
     ProtocolError,
     Publish,
-    Refresh,
-    Resume,
     ResumePoint,
-    Send,
-    Subscribe,
-    Unsubscribe,
-    answer,
-    close_frame,
-    close_reason,
-    error,
-    parse_client_message,
     resume_point,
-    text_frame,
-    welcome,
 )
+from .session import (
+    ALL_SO_FAR,
+    Abort,
+    Acked,
+    Action,
+    CloseTransport,
+    Join,
+    Leave,
+    Replay,
+    Session,
+    SessionConfig,
+    Subscribe_,
+    Unsubscribe_,
+    Upstream,
+    Verify,
+)
+from .websocket import HandshakeError, handshake
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-_SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
-_ACCEPTED = metrics.CONNECTION_ATTEMPTS.labels("accepted")
-#: Seconds after a resume during which live copies of replayed ids are dropped.
-SKIP_WINDOW = 10.0
-_NO_IDS: frozenset[str] = frozenset()  # shared: an empty frozenset() is a new object each time
+#: The total size of an upgrade request's header lines; larger ones get 431.
+MAX_REQUEST_HEAD: Final = 16_384
+#: Unparsed client bytes kept while the session waits for an answer; past this
+#: the transport stops reading until the session reads on.
+READ_PAUSE_BYTES: Final = 1 << 18
+_NEVER: Final = math.inf
 
 
-class _PeerGone(Exception):
-    """The client went away before authenticating."""
-
-
-class _NotProtocol(Exception):
-    """The first frame is not a notifyd.v1 message at all."""
-
-
-class BrokerUnavailable(Exception):
-    """RabbitMQ cannot take a message right now (disconnected, or no confirm)."""
-
-
-class Upstream(Protocol):
+class Upstream_(Protocol):
     """Publishing on a client's behalf (implemented by :class:`notifyd.broker.Broker`)."""
 
     async def publish(
@@ -85,34 +86,22 @@ class Upstream(Protocol):
         """Publish a client message to ``notifyd.upstream``."""
 
 
+class Routing(Protocol):
+    """Whether RabbitMQ routes routing keys to this replica yet (the broker)."""
+
+    def is_routable(self, routing_keys: Iterable[str]) -> bool:
+        """True if every key is bound already (or there is no broker to wait for)."""
+
+    async def wait_routable(self, routing_keys: list[str]) -> None:
+        """Wait until these keys are bound (bounded by a timeout)."""
+
+
 #: Replays everything after ``since`` on ``channels`` (oldest first) or None.
 Replayer = Callable[[ResumePoint, list[Channel], int | None], Awaitable[list[Notification] | None]]
 
 
-class TokenBucket:
-    """Allows ``rate`` events per second with bursts of ``burst``."""
-
-    __slots__ = ("_stamp", "_tokens", "burst", "rate")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._tokens = float(burst)
-        self._stamp = time.monotonic()
-
-    def take(self, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        elapsed = max(0.0, now - self._stamp)
-        self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
-        self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-
 class Outbox:
-    """Sessions with queued frames, flushed together once per event-loop pass.
+    """Connections with queued frames, flushed together once per event-loop pass.
 
     Writing each frame as it comes costs a system call per frame and socket; a
     fan-out burst (several notifications read from RabbitMQ in one pass) then
@@ -123,11 +112,11 @@ class Outbox:
     __slots__ = ("_pending", "_scheduled")
 
     def __init__(self) -> None:
-        self._pending: list[Session] = []
+        self._pending: list[Connection] = []
         self._scheduled = False
 
-    def add(self, session: Session) -> None:
-        self._pending.append(session)
+    def add(self, connection: Connection) -> None:
+        self._pending.append(connection)
         if not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
@@ -135,658 +124,551 @@ class Outbox:
     def flush(self) -> None:
         self._scheduled = False
         pending, self._pending = self._pending, []
-        for session in pending:
-            session.flush()
+        for connection in pending:
+            connection.flush()
 
 
-class Session:
-    """One authenticated socket, as the hub sees it."""
+class _TakenOver(web.StreamResponse):
+    """What the handler returns once the socket is notifyd's: aiohttp writes nothing."""
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        return None
+
+
+_TAKEN_OVER: Final = _TakenOver(status=101)
+
+
+class Connection(Session):
+    """One socket after the upgrade: an asyncio protocol around its session.
+
+    The hub holds connections (``user``, ``deadline``, ``topics`` and
+    :meth:`write` are its view); the heartbeat calls :meth:`heartbeat`.
+    """
 
     __slots__ = (
-        "_close_task",
-        "_held",
-        "_held_bytes",
-        "_out",
-        "_out_bytes",
-        "_outbox",
-        "_ping_outstanding",
-        "_read_done",
-        "_skip",
-        "_skip_timer",
-        "_token_timer",
-        "closing",
-        "deadline",
-        "first_live_seq",
-        "id",
-        "identity",
-        "limit",
-        "topics",
+        "_paused",
+        "_pending_from",
+        "_queued",
+        "_timer",
+        "_timer_at",
+        "server",
         "transport",
-        "user",
-        "ws",
     )
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
-        transport: Any,
-        identity: Identity,
-        limit: int,
-        leeway: float,
-        outbox: Outbox,
+        server: SocketServer,
+        transport: asyncio.Transport,
+        now: float,
+        token: str | None,
+        since: ResumePoint | None,
     ) -> None:
-        self.ws = ws
-        self.transport = transport
-        self._outbox = outbox
-        #: Frames queued for the next flush (None: nothing queued, not in the outbox).
-        self._out: list[bytes] | None = None
-        self._out_bytes = 0
-        #: A heartbeat ping was sent and nothing has come back since.
-        self._ping_outstanding = False
-        self.identity = identity
-        self.user = identity.user
-        self.deadline = identity.expires_at + leeway
-        self.id = secrets.token_urlsafe(12)
-        self.topics: set[str] = set()
-        self.limit = limit
-        self.closing = False
-        self.first_live_seq: int | None = None
-        self._held: list[tuple[bytes, int]] | None = None
-        #: Ids just replayed from a shared history; live copies still in flight
-        #: to this replica are dropped for a short while after a resume.
-        self._skip = _NO_IDS
-        self._held_bytes = 0
-        #: One timer for the token (refresh_required, then the 4010 close) and one
-        #: for the resume skip window: bound methods, no closures, per socket.
-        self._token_timer: asyncio.TimerHandle | None = None
-        self._skip_timer: asyncio.TimerHandle | None = None
-        self._close_task: asyncio.Task[None] | None = None
-        #: Resolved when the read loop has ended (created only once closing starts).
-        self._read_done: asyncio.Future[None] | None = None
+        super().__init__(server.session_config, now, token, since)
+        self.server = server
+        self.transport: asyncio.Transport | None = transport
+        #: In the outbox, waiting for the next flush.
+        self._queued = False
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
+        #: The client address while the socket counts as pending (not authenticated).
+        self._pending_from: str | None = None
 
-    def write(self, frame: bytes, seq: int = 0) -> bool:
-        if self.closing:
-            return False
-        if self._skip and seq and _frame_id(frame) in self._skip:
-            return True
-        if self._held is not None:
-            # Resuming from a shared history: live traffic waits behind the replay.
-            self._held_bytes += len(frame)
-            if self._held_bytes > self.limit:
-                self._overflow()
-                return False
-            self._held.append((frame, seq))
-            return True
+    # --- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
+        """Not called: the transport is handed over by ``set_protocol``."""
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        try:
+            self.receive_data(data, now)
+        except Exception:
+            self._internal_error(now)
+        self.after(now)
+
+    def eof_received(self) -> bool:
+        return False  # a half-closed peer is a gone peer: close our side too
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lost()
+        self.transport = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.after(time.time())
+        self.server.connections.discard(self)
+
+    def pause_writing(self) -> None:
+        """The send buffer is bounded by :meth:`write`'s check, not by flow control."""
+
+    def resume_writing(self) -> None:
+        pass
+
+    # --- the hub's and the heartbeat's view ------------------------------------------
+
+    def write(self, frame: bytes, seq: int, now: float) -> bool:
+        """Queue a live frame (the fan-out path: nothing awaited, nothing written yet)."""
         transport = self.transport
-        if transport is None or transport.is_closing():
+        if transport is None:
             return False
-        queued = self._out_bytes + len(frame)
-        if transport.get_write_buffer_size() + queued > self.limit:
-            self._overflow()
-            return False
-        out = self._out
-        if out is None:
-            self._out = [frame]
-            self._outbox.add(self)
-        else:
-            out.append(frame)
-        self._out_bytes = queued
-        if seq and self.first_live_seq is None:
-            self.first_live_seq = seq
-        return True
+        queued = self.live(frame, seq, transport.get_write_buffer_size(), now)
+        # A send buffer overflow starts the close: the next flush carries it out
+        # (not here, while the hub iterates over its sockets).
+        if not self._queued and (queued or self._actions is not None):
+            self._queued = True
+            self.server.outbox.add(self)
+        return queued
+
+    def close_soon(self, code: int, reason: str, grace: float | None = None) -> None:
+        """Close with ``code`` after what is queued (drain, disconnect, revoke)."""
+        now = time.time()
+        self.close(code, reason, now, grace)
+        self.after(now)
+
+    def heartbeat(self) -> None:
+        now = time.time()
+        self.tick(now)
+        self.after(now)
 
     def flush(self) -> None:
         """Write what is queued (the outbox calls this once per loop pass)."""
-        out, self._out = self._out, None
-        self._out_bytes = 0
-        if not out:
-            return
+        self._queued = False
+        data = self.take_output()
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        if data is not None and transport is not None and not transport.is_closing():
+            transport.write(data)
+        if self._actions is not None:
+            self.after(time.time())
 
-    def send(self, payload: bytes) -> None:
-        """A control answer (welcome, pong, error, ...), in order with notifications."""
-        self.write(text_frame(payload))
+    # --- carrying out what the session asks for --------------------------------------
 
-    def hold(self) -> None:
-        """Keep live frames back (bounded by the send buffer) while a replay is read."""
-        self._held = []
-        self._held_bytes = 0
+    def after(self, now: float) -> None:
+        """After an event: run the session's requests, queue its output, set its timer."""
+        action = self._act(now)
+        if action is not None:
+            self.server.spawn(self._run(action))
+        self._settle(now)
 
-    def release(self, first: bytes, replay: list[Notification]) -> None:
-        """Write ``first`` (the answer), the replay, then held frames not replayed."""
-        held, self._held = self._held or [], None
-        self.send(first)
-        for notification in replay:
-            self.write(notification.frame)
-        if replay:
-            self._skip = frozenset(n.id for n in replay)
-            if self._skip_timer is not None:
-                self._skip_timer.cancel()
-            self._skip_timer = asyncio.get_running_loop().call_later(SKIP_WINDOW, self._forget_skip)
-        for frame, seq in held:
-            self.write(frame, seq)
+    def _settle(self, now: float) -> None:
+        if self._pending_from is not None and (self.identity is not None or self.transport is None):
+            self.server.not_pending(self._pending_from)
+            self._pending_from = None
+        if self.out is not None and not self._queued and self.transport is not None:
+            self._queued = True
+            self.server.outbox.add(self)
+        wake_at = self.wake_at
+        if wake_at != self._timer_at and self.transport is not None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self._timer_at = wake_at
+            if wake_at != _NEVER:
+                self._timer = self.server.loop.call_later(max(0.0, wake_at - now), self._wake)
+        transport = self.transport
+        if transport is not None:
+            if self.busy and self.parser.buffered > READ_PAUSE_BYTES:
+                if not self._paused:
+                    self._paused = True
+                    transport.pause_reading()
+            elif self._paused:
+                self._paused = False
+                transport.resume_reading()
 
-    def _forget_skip(self) -> None:
-        self._skip = _NO_IDS
-        self._skip_timer = None
+    def _wake(self) -> None:
+        self._timer = None
+        self._timer_at = _NEVER
+        now = time.time()
+        try:
+            self.wake(now)
+        except Exception:
+            self._internal_error(now)
+        self.after(now)
 
-    def _overflow(self) -> None:
-        _SLOW.inc()
-        metrics.SLOW_CONSUMER_DISCONNECTS.inc()
-        log.info("closing slow consumer user=%s session=%s (send buffer full)", self.user, self.id)
-        self.close_soon(CloseCode.SLOW_CONSUMER, "send buffer overflow", grace=2.0)
+    def _act(self, now: float) -> Action | None:
+        """Run the synchronous requests; return the one that must be awaited, if any.
 
-    def close_soon(self, code: int, reason: str, grace: float = 5.0) -> None:
-        """Send a close frame now; cut the socket off if the client has not answered
-        within ``grace`` seconds.
-
-        The frame is written here, after what is queued, rather than with aiohttp's
-        ``ws.close()``: called from another task while the read loop waits, that
-        closes the TCP connection without waiting for the client's answer, and an
-        aiohttp client answering it was seen to report 1006 instead of this code.
-        The read loop keeps reading until the client's answer; then the connection
-        is closed.
+        The session asks for at most one awaited thing at a time (it reads
+        nothing more until it has the answer).
         """
-        if self.closing:
-            return
-        self.flush()
-        self._stop_writing()
-        metrics.CLOSES.labels(str(code)).inc()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(close_frame(code, reason))
-        loop = asyncio.get_running_loop()
-        self._read_done = loop.create_future()
-        self._close_task = loop.create_task(self._finish_close(grace))
+        waiting: Action | None = None
+        while (actions := self.take_actions()) is not None:
+            for action in actions:
+                try:
+                    if not self._do(action, now):
+                        waiting = action
+                except Exception:
+                    self._internal_error(now)
+        return waiting
 
-    def _stop_writing(self) -> None:
-        """Nothing more is written to this socket but a close frame."""
-        self.closing = True
-        self._held = None
-        self.cancel_timers()
-
-    def heartbeat(self) -> None:
-        """Ping, or cut off a peer that has not answered the previous ping."""
-        if self.closing:
-            return
-        if self._ping_outstanding:
-            metrics.HEARTBEAT_TIMEOUTS.inc()
-            log.info("no answer to ping: dropping user=%s session=%s", self.user, self.id)
-            self._stop_writing()
+    def _do(self, action: Action, now: float) -> bool:
+        """Carry out ``action`` if it needs no waiting; False if it must be awaited."""
+        server = self.server
+        hub = server.hub
+        if isinstance(action, Leave):
+            hub.remove(self)
+        elif isinstance(action, CloseTransport):
+            self.flush()
             if self.transport is not None:
-                self.transport.abort()  # the peer is gone: no close handshake to wait for
-            return
-        self._ping_outstanding = True
-        self.write(PING_FRAME)
-
-    def answered(self) -> None:
-        """The client sent something (a pong or any message): it is alive."""
-        self._ping_outstanding = False
-
-    def reading_ended(self) -> None:
-        """The read loop is over: the client answered the close, or is gone."""
-        if self._read_done is not None and not self._read_done.done():
-            self._read_done.set_result(None)
-
-    async def _finish_close(self, grace: float) -> None:
-        assert self._read_done is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._read_done), grace)
-        await cut_off(self.transport, deadline)
-
-    def watch_token(self, refresh_before: float) -> None:
-        """Ask for a refresh ``refresh_before`` s ahead of expiry; close 4010 at the deadline.
-
-        Called again after a refresh, with the new token's expiry.
-        """
-        if self._token_timer is not None:
-            self._token_timer.cancel()
-        delay = self.identity.expires_at - refresh_before - time.time()
-        if delay > 0:
-            self._token_timer = asyncio.get_running_loop().call_later(delay, self._refresh_due)
+                self.transport.close()
+        elif isinstance(action, Abort):
+            self.out = None
+            if self.transport is not None:
+                self.transport.abort()
+        elif isinstance(action, Join):
+            hub.add(self)
+            if not server.routing_ready(hub.channels_of(self)):
+                return False
+            self.joined(now)
+        elif isinstance(action, Subscribe_):
+            hub.subscribe(self, action.topic)
+            if action.answer:
+                if not server.routing_ready([Channel("topic", action.topic)]):
+                    return False
+                self.done(None, now)
+        elif isinstance(action, Unsubscribe_):
+            hub.unsubscribe(self, action.topic)
+        elif isinstance(action, Acked):
+            if server.on_ack is not None:
+                server.on_ack(self, action.id)
+        elif isinstance(action, Verify):
+            identity = server.verify_now(action.token, now)
+            if identity is None:
+                return False
+            self._feed_identity(identity, now)
         else:
-            self._refresh_due()
+            return False  # Replay, Upstream: always awaited
+        return True
 
-    def _refresh_due(self) -> None:
-        self.send(answer("refresh_required", expires_at=int(self.identity.expires_at)))
-        delay = max(0.0, self.deadline - time.time())
-        self._token_timer = asyncio.get_running_loop().call_later(delay, self._expired)
+    def _feed_identity(self, identity: Identity | tuple[str, str], now: float) -> None:
+        if isinstance(identity, tuple):
+            self.refused(*identity, now)
+        else:
+            user_sockets = self.server.hub.connections_of(identity.user)
+            self.verified(identity, now, user_sockets, not self.server.draining)
 
-    def _expired(self) -> None:
-        self._token_timer = None
-        self.close_soon(CloseCode.TOKEN_EXPIRED, "token expired")
+    async def _run(self, action: Action) -> None:
+        """Await ``action`` and feed its result back; then the next awaited one, if any."""
+        next_action: Action | None = action
+        while next_action is not None:
+            try:
+                await self._await(next_action)
+            except Exception:
+                self._internal_error(time.time())
+            now = time.time()
+            next_action = self._act(now)
+            self._settle(now)
 
-    def cancel_timers(self) -> None:
-        for timer in (self._token_timer, self._skip_timer):
-            if timer is not None:
-                timer.cancel()
-        self._token_timer = self._skip_timer = None
-        self._skip = _NO_IDS
+    async def _await(self, action: Action) -> None:
+        server = self.server
+        if isinstance(action, Verify):
+            try:
+                identity = await server.verifier.verify(action.token)
+            except AuthError as exc:
+                # Handled here: an exception kept in a local would hold this frame
+                # (and the connection) in a reference cycle through its traceback.
+                self.refused(exc.reason, str(exc), time.time())
+            else:
+                self._feed_identity(identity, time.time())
+        elif isinstance(action, Join):
+            await server.wait_routable(server.hub.channels_of(self))
+            self.joined(time.time())
+        elif isinstance(action, Subscribe_):
+            await server.wait_routable([Channel("topic", action.topic)])
+            self.done(None, time.time())
+        elif isinstance(action, Replay):
+            missed = await server.read_replay(self, action)
+            self.replayed(missed, time.time())
+        elif isinstance(action, Upstream):
+            await self._upstream(action)
+
+    async def _upstream(self, action: Upstream) -> None:
+        message = action.message
+        upstream = self.server.upstream
+        try:
+            if isinstance(message, Publish):
+                result: str | None = await upstream.publish(
+                    message.channel, message.event, message.data, sender=self.user
+                )
+            else:
+                await upstream.send_upstream(self.user, self.id, message.event, message.data)
+                result = None
+        except BrokerUnavailable:
+            kind = "publish" if isinstance(message, Publish) else "send"
+            self.failed("broker_unavailable", f"cannot {kind} right now; retry", time.time())
+            return
+        except ProtocolError as exc:  # what would be published is not acceptable
+            self.failed(exc.code, exc.message, time.time(), outcome="refused")
+            return
+        self.done(result, time.time())
+
+    def _internal_error(self, now: float) -> None:
+        log.exception("session %s of %s failed", self.id or "(new)", self.user or "(anonymous)")
+        self.close(CloseCode.INTERNAL_ERROR, "internal error", now)
 
 
-async def _through_broker(kind: str, ref: Any, publishing: Awaitable[T]) -> T:
-    """Await a client's publish/send; a broker outage becomes an error to the client."""
-    try:
-        result = await publishing
-    except BrokerUnavailable:
-        metrics.UPSTREAM_MESSAGES.labels(kind, "broker_down").inc()
-        raise ProtocolError("broker_unavailable", f"cannot {kind} right now; retry", ref) from None
-    metrics.UPSTREAM_MESSAGES.labels(kind, "accepted").inc()
-    return result
+def credentials(
+    headers: Any, raw_path: str, query: Callable[[], Any], query_token: bool
+) -> tuple[str | None, ResumePoint | None]:
+    """The token and resume point an upgrade request carries, if any.
 
-
-def _frame_id(frame: bytes) -> str | None:
-    """The notification id inside a pre-built frame (only used at a resume seam)."""
-    start = frame.find(b'"id":"')
-    if start < 0:
-        return None
-    start += 6
-    end = frame.find(b'"', start)
-    return frame[start:end].decode() if end > start else None
-
-
-def _has_query(request: web.Request) -> bool:
-    """Whether the request target has a query (checked before ``request.query``,
-    which parses and caches it for as long as the socket is open)."""
-    return "?" in request.raw_path
-
-
-async def close_socket(
-    ws: web.WebSocketResponse, transport: Any, code: int, reason: str, grace: float
-) -> None:
-    """Close a socket that has no session yet (from its own handler, not reading).
-
-    A peer that has not taken the close within ``grace`` is cut off.
+    From the ``Authorization`` header, or ``?token=`` when ``query_token`` is on;
+    ``?since=`` (and ``since_ts``) may come with either. ``query()`` parses the
+    query string; it is called only when there is one. Raises AuthError for a
+    malformed header or a disabled ``?token=``, ProtocolError for a bad ``since``.
     """
-    metrics.CLOSES.labels(str(code)).inc()
-    deadline = asyncio.get_running_loop().time() + grace
-    with contextlib.suppress(TimeoutError, ConnectionError, RuntimeError):
-        await asyncio.wait_for(ws.close(code=code, message=close_reason(reason)), grace)
-    await cut_off(transport, deadline)
-
-
-async def cut_off(transport: Any, deadline: float) -> None:
-    """Close the transport; abort what is left unsent at ``deadline``.
-
-    A closed transport keeps flushing its buffer, and for a peer that stopped
-    reading it would do so forever, holding the socket and its memory.
-    """
-    if transport is None:
-        return
-    transport.close()
-    loop = asyncio.get_running_loop()
-    while transport.get_write_buffer_size() and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if transport.get_write_buffer_size():
-        transport.abort()
+    header = headers.get("Authorization", "")
+    has_query = "?" in raw_path
+    params = query() if has_query else None
+    since = resume_point(params.get("since") or None, params.get("since_ts")) if params else None
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise AuthError("malformed", "bad Authorization header")
+        return value.strip(), since
+    if params is not None and "token" in params:
+        if not query_token:
+            raise AuthError("malformed", "?token= is disabled; use the auth message")
+        return params["token"], since
+    return None, since
 
 
 class SocketServer:
-    """The ``/ws`` endpoint: turns requests into sessions and serves their messages."""
+    """The ``/ws`` endpoint: upgrades requests and owns every connection it took over."""
+
+    #: What a socket becomes after the upgrade (the tests' echo endpoint uses another).
+    connection_class: type[Connection] = Connection
 
     def __init__(
         self,
         settings: Settings,
         hub: Hub,
         verifier: TokenVerifier,
-        upstream: Upstream,
+        upstream: Upstream_,
         replay: Replayer | None,
-        routable: Callable[[list[str]], Awaitable[None]] | None = None,
+        routing: Routing | None = None,
     ) -> None:
         self.settings = settings
-        #: Waits until RabbitMQ routes these keys to this replica.
-        self.routable = routable
+        ws = settings.ws
+        self.session_config = SessionConfig(
+            max_message_size=ws.max_message_size,
+            send_buffer_bytes=ws.send_buffer_bytes,
+            auth_timeout=settings.auth.auth_timeout,
+            leeway=settings.auth.leeway,
+            refresh_before=ws.refresh_before,
+            heartbeat=ws.heartbeat,
+            rate_limit=ws.rate_limit,
+            rate_burst=ws.rate_burst,
+            max_connections_per_user=ws.max_connections_per_user,
+            max_topics=ws.max_topics,
+        )
         self.hub = hub
         self.verifier = verifier
         self.upstream = upstream
         self.replay = replay
+        self.routing = routing
         self.draining = False
-        self.open_sockets = 0
+        #: Every socket taken over and not yet gone, authenticated or not.
+        self.connections: set[Connection] = set()
         self.outbox = Outbox()
-        self.on_ack: Callable[[Session, str], None] | None = None
+        self.on_ack: Callable[[Connection, str], None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: Sockets upgraded and not yet authenticated, in total and by client address.
+        self.pending = 0
+        self._pending_by_address: dict[str, int] = {}
+        self._pending_logged = -math.inf
 
-    # --- upgrade and authentication ------------------------------------------------
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    # --- the upgrade ------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        ws_settings = self.settings.ws
+        ws = self.settings.ws
         origin = request.headers.get("Origin")
-        if ws_settings.allowed_origins and origin not in ws_settings.allowed_origins:
+        if ws.allowed_origins and origin not in ws.allowed_origins:
             metrics.CONNECTION_ATTEMPTS.labels("origin").inc()
             log.info("refused origin %r", origin)
             raise web.HTTPForbidden(text="origin not allowed\n")
         if self.draining:
             metrics.CONNECTION_ATTEMPTS.labels("overloaded").inc()
             raise web.HTTPServiceUnavailable(text="draining\n", headers={"Retry-After": "1"})
-        ws = web.WebSocketResponse(
-            protocols=("notifyd.v1",),
-            # Pings come from notifyd's Heartbeat (one task, spread over the interval),
-            # so pings and pongs reach the read loop.
-            autoping=False,
-            max_msg_size=ws_settings.max_message_size,
-            compress=False,  # one frame is shared by every socket: no per-socket deflate
-            timeout=5.0,
-            # A client's close is answered when the handler ends; a close notifyd
-            # started must not be answered twice (see Session.close_soon).
-            autoclose=False,
-        )
-        await ws.prepare(request)
-        self.open_sockets += 1
+        if sum(len(k) + len(v) + 4 for k, v in request.raw_headers) > MAX_REQUEST_HEAD:
+            metrics.CONNECTION_ATTEMPTS.labels("bad_request").inc()
+            raise web.HTTPRequestHeaderFieldsTooLarge(text="request headers too large\n")
+        address = request.remote or ""
+        per_address = ws.max_pending_per_address
+        if self.pending >= ws.max_pending or (
+            per_address and self._pending_by_address.get(address, 0) >= per_address
+        ):
+            metrics.CONNECTION_ATTEMPTS.labels("pending_limit").inc()
+            self._log_pending_limit(address)
+            raise web.HTTPServiceUnavailable(
+                text="too many unauthenticated sockets\n", headers={"Retry-After": "1"}
+            )
         try:
-            await self._serve(ws, request)
-        finally:
-            self.open_sockets -= 1
-        return ws
+            response = handshake(request.headers, (SUBPROTOCOL,))
+        except HandshakeError as exc:
+            metrics.CONNECTION_ATTEMPTS.labels("bad_request").inc()
+            return web.Response(status=exc.status, text=exc.message + "\n", headers=exc.headers)
+        refusal: AuthError | ProtocolError | None = None
+        token = since = None
+        try:
+            token, since = credentials(
+                request.headers,
+                request.raw_path,
+                lambda: request.query,
+                self.settings.auth.query_token,
+            )
+        except (AuthError, ProtocolError) as exc:
+            refusal = exc
+        transport = request.transport
+        handler = request.protocol
+        if transport is None or transport.is_closing():
+            return _TAKEN_OVER  # the client is gone already
+        self._take_over(transport, handler, response, token, since, refusal, address)
+        return _TAKEN_OVER
 
-    async def _refuse(
-        self, ws: web.WebSocketResponse, request: web.Request, code: int, reason: str, outcome: str
+    def _log_pending_limit(self, address: str) -> None:
+        now = time.monotonic()
+        if now - self._pending_logged >= 60.0:  # once a minute, not once per refusal
+            self._pending_logged = now
+            log.warning(
+                "refusing upgrades: %d sockets pending authentication (%d from %s)",
+                self.pending,
+                self._pending_by_address.get(address, 0),
+                address,
+            )
+
+    def _now_pending(self, connection: Connection, address: str) -> None:
+        connection._pending_from = address
+        self.pending += 1
+        self._pending_by_address[address] = self._pending_by_address.get(address, 0) + 1
+        metrics.PENDING_SOCKETS.set(self.pending)
+
+    def not_pending(self, address: str) -> None:
+        """A pending socket authenticated, or went away."""
+        self.pending -= 1
+        left = self._pending_by_address.pop(address, 1) - 1
+        if left > 0:
+            self._pending_by_address[address] = left
+        metrics.PENDING_SOCKETS.set(self.pending)
+
+    def _take_over(
+        self,
+        transport: Any,
+        handler: Any,
+        response: bytes,
+        token: str | None,
+        since: ResumePoint | None,
+        refusal: AuthError | ProtocolError | None,
+        address: str,
     ) -> None:
-        metrics.CONNECTION_ATTEMPTS.labels(outcome).inc()
-        await close_socket(ws, request.transport, code, reason, grace=2.0)
+        """Write the 101 and make the socket a :class:`Connection`.
 
-    async def _authenticate(
-        self, ws: web.WebSocketResponse, request: web.Request
-    ) -> tuple[Identity, ResumePoint | None] | None:
-        """The socket's identity and resume point, or None after closing it."""
+        aiohttp's handler keeps what the client sent after the request line and
+        headers (``_message_tail``: often the auth message, in the same packet);
+        it is passed on. The handler is then detached as if its connection were
+        lost, with its transport unset first so that it does not close it: that
+        removes it from the server's connection table and drops its parser, and
+        the request it served ends with this handler's return.
+        """
+        now = time.time()
+        tail: bytes = handler._message_tail
+        handler._message_tail = b""
+        transport.write(response)
+        connection = self.connection_class(self, transport, now, token, since)
+        handler.transport = None
+        handler.connection_lost(None)
+        transport.set_protocol(connection)
+        self.connections.add(connection)
+        self._now_pending(connection, address)
+        if len(self.connections) > self.settings.server.max_connections:
+            connection.refuse(CloseCode.TRY_AGAIN_LATER, "server full", "overloaded", now)
+        elif isinstance(refusal, AuthError):
+            connection.refused(refusal.reason, str(refusal), now)
+        elif refusal is not None:
+            log.info("protocol error on a new socket: %s", refusal.message)
+            connection.refuse(CloseCode.PROTOCOL_ERROR, refusal.message, "protocol_error", now)
+        if tail:
+            connection.data_received(tail)
+        else:
+            connection.after(now)
+
+    # --- what connections ask for ------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run a connection's awaited request as a task this server owns."""
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def verify_now(self, token: str, now: float) -> Identity | tuple[str, str] | None:
+        """The Identity, or the refusal's (reason, message), when the token can be
+        checked without waiting (a local key); None when it must be awaited."""
         try:
-            token, since = await self._credentials(ws, request)
-            return await self.verifier.verify(token), since
-        except _PeerGone:
-            return None
-        except _NotProtocol as exc:
-            log.info("protocol error from %s: %s", request.remote, exc)
-            await self._refuse(ws, request, CloseCode.PROTOCOL_ERROR, str(exc), "protocol_error")
-            return None
+            return self.verifier.verify_local(token, now)
         except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.reason).inc()
-            log.info("auth failed from %s: %s", request.remote, exc)
-            if exc.reason == "timeout":
-                await self._refuse(ws, request, CloseCode.AUTH_TIMEOUT, "auth timeout", "timeout")
-            elif exc.reason == "expired":
-                await self._refuse(ws, request, CloseCode.TOKEN_EXPIRED, "token expired", "expired")
-            else:
-                await self._refuse(
-                    ws, request, CloseCode.UNAUTHORIZED, str(exc)[:100], "unauthorized"
-                )
-            return None
+            return (exc.reason, str(exc))
 
-    @staticmethod
-    def _query_resume_point(request: web.Request) -> ResumePoint | None:
-        if not _has_query(request):
-            return None
-        try:
-            return resume_point(request.query.get("since") or None, request.query.get("since_ts"))
-        except ProtocolError as exc:
-            raise _NotProtocol(exc.message) from None
+    def routing_ready(self, channels: list[Channel]) -> bool:
+        return self.routing is None or self.routing.is_routable(c.routing_key for c in channels)
 
-    async def _credentials(
-        self, ws: web.WebSocketResponse, request: web.Request
-    ) -> tuple[str, ResumePoint | None]:
-        """The token and resume point, from the header, the query or the first message."""
-        header = request.headers.get("Authorization", "")
-        if header:
-            scheme, _, value = header.partition(" ")
-            if scheme.lower() != "bearer" or not value.strip():
-                raise AuthError("malformed", "bad Authorization header")
-            return value.strip(), self._query_resume_point(request)
-        if _has_query(request) and "token" in request.query:
-            if not self.settings.auth.query_token:
-                raise AuthError("malformed", "?token= is disabled; use the auth message")
-            return request.query["token"], self._query_resume_point(request)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.auth.auth_timeout
-        while True:
-            try:
-                msg = await ws.receive(timeout=max(0.001, deadline - loop.time()))
-            except TimeoutError:
-                raise AuthError("timeout", "no auth message in time") from None
-            if msg.type is WSMsgType.PING:
-                await ws.pong(msg.data)
-            elif msg.type is not WSMsgType.PONG:
-                break
-        if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED, WSMsgType.ERROR):
-            raise _PeerGone
-        if msg.type is not WSMsgType.TEXT:
-            raise _NotProtocol("first message must be a JSON text frame")
-        try:
-            first = parse_client_message(msg.data)
-        except ProtocolError as exc:
-            raise _NotProtocol(exc.message) from None
-        if not isinstance(first, Auth):
-            raise AuthError("missing", "first message must be {type: auth}")
-        return first.token, first.since
+    async def wait_routable(self, channels: list[Channel]) -> None:
+        if self.routing is not None:
+            await self.routing.wait_routable([c.routing_key for c in channels])
 
-    # --- the session ------------------------------------------------------------------
-
-    async def _serve(self, ws: web.WebSocketResponse, request: web.Request) -> None:
-        settings = self.settings
-        if self.open_sockets > settings.server.max_connections:
-            await self._refuse(ws, request, CloseCode.TRY_AGAIN_LATER, "server full", "overloaded")
-            return
-        result = await self._authenticate(ws, request)
-        if result is None:
-            return
-        identity, since = result
-        if self.hub.connections_of(identity.user) >= settings.ws.max_connections_per_user:
-            await self._refuse(
-                ws, request, CloseCode.FORBIDDEN, "too many connections", "forbidden"
-            )
-            return
-        if self.draining or ws.closed:
-            await self._refuse(ws, request, CloseCode.GOING_AWAY, "server going away", "overloaded")
-            return
-        session = Session(
-            ws,
-            request.transport,
-            identity,
-            settings.ws.send_buffer_bytes,
-            settings.auth.leeway,
-            self.outbox,
-        )
-        session.topics.update(identity.topics.exact)
-        _ACCEPTED.inc()
-        try:
-            await self._start(session, since)
-            session.watch_token(self.settings.ws.refresh_before)
-            await self._read_loop(session)
-        except Exception:
-            log.exception("session %s of %s failed", session.id, session.user)
-            session.close_soon(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            session.reading_ended()
-            self.hub.remove(session)
-            session.cancel_timers()
-            if session._close_task is not None:
-                await asyncio.shield(session._close_task)
-
-    async def _start(self, session: Session, since: ResumePoint | None) -> None:
-        """Join the hub and say welcome, replaying what was missed when asked to."""
-        expires_at = int(session.identity.expires_at)
-        heartbeat = self.settings.ws.heartbeat
-        # Join first and hold live frames, so nothing falls between replay and live;
-        # welcome only once RabbitMQ routes the user here, so that whatever is
-        # published after the client saw welcome reaches it.
-        session.hold()
-        self.hub.add(session)
-        if self.routable is not None:
-            await self.routable(
-                [f"{c.kind}.{c.name}" for c in self.hub.channels_of(session) if c.name]
-            )
-        if since is None:
-            session.release(welcome(session.user, session.id, expires_at, heartbeat, None), [])
-            return
-        missed = await self._replay(session, since, None)
-        session.release(
-            welcome(session.user, session.id, expires_at, heartbeat, missed is not None),
-            missed or [],
-        )
-
-    async def _replay(
-        self, session: Session, since: ResumePoint, before_seq: int | None
+    async def read_replay(
+        self, connection: Connection, request: Replay
     ) -> list[Notification] | None:
         if self.replay is None:
             metrics.RESUMES.labels("unavailable").inc()
             return None
-        missed = await self.replay(since, self.hub.channels_of(session), before_seq)
+        before = request.before_seq
+        if before == ALL_SO_FAR:
+            before = self.hub.last_seq + 1
+        missed = await self.replay(request.since, self.hub.channels_of(connection), before)
         metrics.RESUMES.labels("resumed" if missed is not None else "gap_too_old").inc()
         return missed
 
-    async def _read_loop(self, session: Session) -> None:
-        ws = session.ws
-        bucket = TokenBucket(self.settings.ws.rate_limit, self.settings.ws.rate_burst)
-        async for msg in ws:
-            session.answered()
-            if session.closing:
-                continue
-            if msg.type is WSMsgType.PING:
-                await ws.pong(msg.data)
-                continue
-            if msg.type is WSMsgType.BINARY:
-                session.send(error("bad_message", "binary frames are not supported"))
-                continue
-            if msg.type is not WSMsgType.TEXT:
-                continue
-            if not bucket.take():
-                log.info("rate limit: closing user=%s session=%s", session.user, session.id)
-                metrics.UPSTREAM_MESSAGES.labels("any", "rate_limited").inc()
-                session.close_soon(CloseCode.RATE_LIMITED, "too many messages")
-                continue
-            try:
-                message = parse_client_message(msg.data)
-            except ProtocolError as exc:
-                session.send(error(exc.code, exc.message, exc.ref))
-                continue
-            try:
-                await self._handle(session, message)
-            except ProtocolError as exc:
-                session.send(error(exc.code, exc.message, message.ref))
-        if ws.close_code == CloseCode.MESSAGE_TOO_BIG:
-            metrics.CLOSES.labels(str(CloseCode.MESSAGE_TOO_BIG)).inc()
-
-    # --- client messages ---------------------------------------------------------------
-
-    async def _handle(self, session: Session, message: Any) -> None:
-        hub = self.hub
-        match message:
-            case Ping(ref=ref):
-                session.send(answer("pong", ref))
-            case Ack(id=notification_id):
-                metrics.ACKS.inc()
-                if self.on_ack is not None:
-                    self.on_ack(session, notification_id)
-            case Subscribe(channel=channel, ref=ref):
-                await self._subscribe(session, channel, ref)
-            case Unsubscribe(channel=channel):
-                if channel.kind != "topic" or channel.name not in session.topics:
-                    raise ProtocolError("not_subscribed", f"not subscribed to {channel}")
-                hub.unsubscribe(session, channel.name)
-                session.send(answer("unsubscribed", message.ref, channel=str(channel)))
-            case Refresh(token=token):
-                await self._refresh(session, token)
-            case Resume(since=since, ref=ref):
-                await self._resume(session, since, ref)
-            case Publish():
-                await self._publish(session, message)
-            case Send():
-                await self._send(session, message)
-            case Auth():
-                raise ProtocolError("already_authenticated", "this socket is authenticated")
-
-    async def _subscribe(self, session: Session, channel: Channel, ref: Any) -> None:
-        if channel.kind != "topic":
-            raise ProtocolError(
-                "invalid_channel",
-                "only topic:<name> can be subscribed; user and broadcast are implicit",
-            )
-        if not session.identity.topics.allows(channel.name):
-            raise ProtocolError("forbidden", f"token does not allow {channel}")
-        self.hub.subscribe(session, channel.name)
-        if self.routable is not None:
-            await self.routable([channel.routing_key])
-        session.send(answer("subscribed", ref, channel=str(channel)))
-
-    async def _refresh(self, session: Session, token: str) -> None:
-        try:
-            identity = await self.verifier.verify(token)
-        except AuthError as exc:
-            metrics.AUTH_FAILURES.labels(exc.reason).inc()
-            raise ProtocolError("invalid_token", f"refresh refused: {exc}") from None
-        if identity.user != session.user:
-            log.warning("refresh for another user on session %s: closing", session.id)
-            session.close_soon(CloseCode.FORBIDDEN, "refresh token is for another user")
-            return
-        session.identity = identity
-        session.deadline = identity.expires_at + self.settings.auth.leeway
-        # Topics the new token no longer allows are left; new exact grants are joined.
-        for topic in list(session.topics):
-            if not identity.topics.allows(topic):
-                self.hub.unsubscribe(session, topic)
-        for topic in identity.topics.exact:
-            self.hub.subscribe(session, topic)
-        session.watch_token(self.settings.ws.refresh_before)
-        session.send(answer("refreshed", expires_at=int(identity.expires_at)))
-
-    async def _resume(self, session: Session, since: ResumePoint, ref: Any) -> None:
-        # What arrived live since this socket joined is not replayed again.
-        before = session.first_live_seq
-        session.hold()
-        missed = await self._replay(
-            session, since, before if before is not None else self.hub.last_seq + 1
-        )
-        count = len(missed or ())
-        session.release(
-            answer("resumed", ref, resumed=missed is not None, count=count), missed or []
-        )
-
-    async def _publish(self, session: Session, message: Publish) -> None:
-        if not session.identity.publish.allows(message.channel.name):
-            metrics.UPSTREAM_MESSAGES.labels("publish", "forbidden").inc()
-            raise ProtocolError(
-                "forbidden", f"token does not allow publishing to {message.channel}", message.ref
-            )
-        notification_id = await _through_broker(
-            "publish",
-            message.ref,
-            self.upstream.publish(
-                message.channel, message.event, message.data, sender=session.user
-            ),
-        )
-        session.send(
-            answer("published", message.ref, id=notification_id, channel=str(message.channel))
-        )
-
-    async def _send(self, session: Session, message: Send) -> None:
-        await _through_broker(
-            "send",
-            message.ref,
-            self.upstream.send_upstream(session.user, session.id, message.event, message.data),
-        )
-        session.send(answer("sent", message.ref))
-
     # --- shutdown ---------------------------------------------------------------------
 
-    def sessions(self) -> list[Session]:
-        """Every open socket's session."""
-        return [s for s in self.hub if isinstance(s, Session)]
+    def sessions(self) -> list[Connection]:
+        """Every authenticated socket."""
+        return [s for s in self.hub if isinstance(s, Connection)]
 
     async def drain(self, window: float) -> None:
         """Close every socket with 1001, spread evenly over ``window`` seconds."""
         self.draining = True
-        sessions = self.sessions()
-        if not sessions:
+        connections = list(self.connections)
+        if not connections:
             return
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         start = loop.time()
-        step = window / len(sessions)
-        log.info("draining %d sockets over %.1fs", len(sessions), window)
-        for index, session in enumerate(sessions):
+        step = window / len(connections)
+        log.info("draining %d sockets over %.1fs", len(connections), window)
+        for index, connection in enumerate(connections):
             delay = start + index * step - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            session.close_soon(CloseCode.GOING_AWAY, "server going away", grace=2.0)
-        tasks = [s._close_task for s in sessions if s._close_task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=3.0)
+            connection.close_soon(CloseCode.GOING_AWAY, "server going away", grace=2.0)
+        deadline = loop.time() + 3.0
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        """Drop whatever is still connected and cancel what connections still await."""
+        for connection in list(self.connections):
+            if connection.transport is not None:
+                connection.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)

@@ -4,30 +4,51 @@ Starts Debian's ``rabbitmq-server`` in a directory of its own, on free ports,
 listening on 127.0.0.1 only, with its own Erlang cookie and node name, so it never
 touches (or clashes with) a system RabbitMQ. Run as root, Debian's wrapper
 drops to the ``rabbitmq`` user: the node's directories are handed to that user.
+
+``notifyd dev-broker -- COMMAND...`` runs COMMAND once the node answers AMQP
+(with ``NOTIFYD_AMQP_URL`` pointing at it) and stops the node when COMMAND ends;
+SIGTERM or SIGINT stops both. ``make run`` is built on it.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import errno
+import logging
 import os
 import pwd
+import random
 import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+from typing import NoReturn
+
+log = logging.getLogger(__name__)
 
 SERVER = "rabbitmq-server"
 CTL = "rabbitmqctl"
 #: Debian's /usr/sbin wrappers re-run these as the rabbitmq user when called by root,
 #: and refuse other users: those run the real scripts with a HOME of their own.
 _REAL_SCRIPTS = Path("/usr/lib/rabbitmq/bin")
+#: Times a node is started on new ports after one of its ports turned out taken.
+START_ATTEMPTS = 4
+#: The lowest port :func:`free_port` hands out (below: ports services tend to claim).
+_LOWEST_PORT = 10_000
+#: What the node logs when a port it was given is taken, and which port that was.
+_PORT_TAKEN = {"dist_port_already_used": "dist", "eaddrinuse": "amqp"}
+#: Seconds the command run by ``dev-broker`` gets to exit after SIGTERM
+#: (notifyd's default shutdown_timeout, plus a margin).
+_COMMAND_GRACE = 30.0
 
 
 def _command(name: str) -> str:
@@ -41,10 +62,75 @@ class BrokerError(RuntimeError):
     """The node could not be started, stopped or reached."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+class _PortTaken(BrokerError):
+    def __init__(self, which: str, detail: str) -> None:
+        super().__init__(detail)
+        self.which = which
+
+
+def _ephemeral_ports() -> range:
+    """The ports the kernel gives outgoing connections and ``bind(0)``."""
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(part) for part in text.split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default; IANA's is 49152..65535
+    return range(low, high + 1)
+
+
+def port_is_free(port: int, reuse_address: bool = False) -> bool:
+    """Nothing uses ``port`` on any IPv4 or IPv6 address of this machine.
+
+    Without ``reuse_address`` a port that any socket holds, even a client socket or
+    one in TIME_WAIT, counts as used; with it, only a listener does (as for a server
+    that sets SO_REUSEADDR, as RabbitMQ does).
+    """
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this machine: nothing can hold the port there
+            continue
+        with sock:
+            if reuse_address:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                if exc.errno == errno.EADDRNOTAVAIL:  # IPv6 disabled on every interface
+                    continue
+                return False
+    return True
+
+
+def free_port(exclude: Collection[int] = ()) -> int:
+    """A TCP port that is free on every address and outside the ephemeral range.
+
+    ``bind(("127.0.0.1", 0))`` returns a port from the range the kernel also gives
+    outgoing connections, and free on 127.0.0.1 only: seconds later, when the node
+    binds it, a client socket may hold it (``dist_port_already_used`` on a machine
+    with many connections open). Outside that range only another server can take it.
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [
+        p for p in range(_LOWEST_PORT, 65536) if p not in ephemeral and p not in exclude
+    ] or [p for p in range(1024, 65536) if p not in exclude]
+    for port in random.sample(candidates, min(len(candidates), 500)):
+        if port_is_free(port):
+            return port
+    raise BrokerError("no free TCP port found")
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """Ids of the processes whose environment has ``name=value`` (Linux's /proc)."""
+    entry = f"\0{name}={value}\0".encode()
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        with contextlib.suppress(OSError):  # gone meanwhile, or not ours to read
+            if entry in b"\0" + environ.read_bytes():
+                found.append(int(environ.parent.name))
+    return found
 
 
 def _port_open(port: int) -> bool:
@@ -53,8 +139,25 @@ def _port_open(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
+def _amqp_greeting(port: int, timeout: float = 2.0) -> bytes:
+    """The first frame a server on ``port`` answers the AMQP 0-9-1 header with."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(b"AMQP\x00\x00\x09\x01")
+        data = b""
+        while len(data) < 7 or len(data) < 7 + struct.unpack(">I", data[3:7])[0] + 1:
+            chunk = sock.recv(4096)
+            if not chunk or len(data) > 65536:
+                break
+            data += chunk
+        return data
+
+
 class RabbitNode:
-    """One RabbitMQ node in ``base_dir``; stop/restart keep its data and ports."""
+    """One RabbitMQ node in ``base_dir``; stop/restart keep its data and ports.
+
+    Ports and a node name not given are picked here, and picked again when the node
+    finds one taken at start.
+    """
 
     def __init__(
         self, base_dir: Path | None = None, amqp_port: int = 0, nodename: str | None = None
@@ -65,8 +168,10 @@ class RabbitNode:
             )
         self._owns_dir = base_dir is None
         self.base_dir = Path(base_dir or tempfile.mkdtemp(prefix="notifyd-rabbitmq-"))
+        self._fixed_amqp_port = amqp_port
+        self._fixed_nodename = nodename
         self.amqp_port = amqp_port or free_port()
-        self.dist_port = free_port()
+        self.dist_port = free_port(exclude={self.amqp_port})
         self.nodename = nodename or f"notifyd{self.amqp_port}@localhost"
         self._process: subprocess.Popen[bytes] | None = None
         self._log = self.base_dir / "node.log"
@@ -74,6 +179,16 @@ class RabbitNode:
     @property
     def amqp_url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.amqp_port}/"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def crash_dump(self) -> Path:
+        # Erlang's default is the working directory: the repository, or (as root)
+        # /var/lib/rabbitmq, where nothing would ever remove it.
+        return self.base_dir / "log" / "erl_crash.dump"
 
     def _environment(self) -> dict[str, str]:
         base = self.base_dir
@@ -94,6 +209,7 @@ class RabbitNode:
             "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
             "RABBITMQ_PID_FILE": str(base / "node.pid"),
             "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+            "ERL_CRASH_DUMP": str(self.crash_dump),
             # Erlang's port mapper: only reachable from this machine.
             "ERL_EPMD_ADDRESS": "127.0.0.1",
             "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
@@ -132,30 +248,76 @@ class RabbitNode:
                 os.chown(path, user.pw_uid, user.pw_gid)
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the node and wait until it accepts AMQP connections."""
-        if self._process is not None and self._process.poll() is None:
+        """Start the node and wait until it answers AMQP as itself.
+
+        A port picked free may be taken by the time the node binds it: the node is
+        then started again on new ports (never on ones the caller fixed).
+        """
+        if self.running:
             return
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_once(timeout)
+                return
+            except _PortTaken as exc:
+                if attempt == START_ATTEMPTS or not self._pick_again(exc.which):
+                    raise
+                log.warning("RabbitMQ %s port was taken; starting again on new ports", exc.which)
+
+    def _start_once(self, timeout: float) -> None:
         self._prepare()
-        log = self._log.open("ab")
-        self._process = subprocess.Popen(
+        log_file = self._log.open("ab")
+        self._process = process = subprocess.Popen(
             [_command(SERVER)],
             env=self._environment(),
-            stdout=log,
+            stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() can end all of it
         )
-        log.close()
+        log_file.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                raise BrokerError(f"rabbitmq-server exited early:\n{self.log_tail()}")
-            if _port_open(self.amqp_port):
+            if process.poll() is not None:
+                self._failed_start()
+            # Another server on the port answers too: only this node's greeting counts.
+            if self._answers_as_this_node():
                 self._await_startup(max(1.0, deadline - time.monotonic()))
                 return
             time.sleep(0.1)
         self.kill()
         raise BrokerError(f"rabbitmq-server did not open port {self.amqp_port}:\n{self.log_tail()}")
+
+    def _failed_start(self) -> NoReturn:
+        tail = self.log_tail()
+        self.kill()
+        for marker, which in _PORT_TAKEN.items():
+            if marker in tail:
+                raise _PortTaken(which, f"rabbitmq-server found its {which} port taken:\n{tail}")
+        raise BrokerError(f"rabbitmq-server exited early:\n{tail}")
+
+    def _pick_again(self, which: str) -> bool:
+        """New ports after ``which`` was taken; False when that port was the caller's."""
+        if which == "amqp" and self._fixed_amqp_port:
+            return False
+        # What the failed boot left: a crash dump (~1 MB) and a node directory.
+        self.crash_dump.unlink(missing_ok=True)
+        for leftover in (self.base_dir / "mnesia").glob(f"{self.nodename}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if which == "amqp":
+            self.amqp_port = free_port(exclude={self.dist_port})
+            self.nodename = self._fixed_nodename or f"notifyd{self.amqp_port}@localhost"
+        self.dist_port = free_port(exclude={self.amqp_port, self.dist_port})
+        return True
+
+    def _answers_as_this_node(self) -> bool:
+        # RabbitMQ names its cluster after the node ("notifyd5672@<hostname>").
+        try:
+            greeting = _amqp_greeting(self.amqp_port)
+        except OSError:
+            return False
+        name = self.nodename.split("@", 1)[0].encode() + b"@"
+        return greeting[:1] == b"\x01" and b"RabbitMQ" in greeting and name in greeting
 
     def _await_startup(self, timeout: float) -> None:
         # The listener opens before every boot step is done; wait for the node proper.
@@ -218,8 +380,16 @@ class RabbitNode:
             os.killpg(process.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
-        # su runs the node in a session of its own: end its Erlang VM by node name.
-        subprocess.run(["pkill", "-9", "-f", "--", f"-sname {self.nodename}"], check=False)
+        # su runs the node in a session of its own, out of killpg's reach, and the VM's
+        # command line does not name the node: find it by its data directory, and wait
+        # until it is gone (its ports with it).
+        marker = ("RABBITMQ_MNESIA_BASE", str(self.base_dir / "mnesia"))
+        deadline = time.monotonic() + 10
+        while (pids := processes_with_env(*marker)) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
         self._process = None
 
     def restart(self) -> None:
@@ -228,6 +398,7 @@ class RabbitNode:
         self.start()
 
     def cleanup(self) -> None:
+        """Stop the node; remove its directory if it was a temporary one."""
         self.stop()
         if self._owns_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
@@ -245,35 +416,70 @@ class RabbitNode:
         self.cleanup()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="notifyd dev-broker", description=__doc__)
-    parser.add_argument("--dir", help="data directory (default: a temporary one)")
-    parser.add_argument("--port", type=int, default=5672, help="AMQP port (default 5672)")
-    args = parser.parse_args(argv)
+def run(data_dir: str | None, port: int, command: Sequence[str] = ()) -> int:
+    """``notifyd dev-broker``: run a node until SIGTERM/SIGINT, or while ``command`` runs.
+
+    ``command`` starts only once the node answers AMQP as itself (not merely once
+    something listens on the port); its exit code is returned.
+    """
+    stopping = threading.Event()  # set by the signal handler (mypy cannot see a flag)
+    child: subprocess.Popen[bytes] | None = None
+
+    def stop(signum: int, _: FrameType | None) -> None:
+        # The loop below notices within 0.2 s and signals the command once (a second
+        # SIGTERM could hit it while it exits, after its own handler is gone).
+        stopping.set()
+
+    # Installed first: a SIGTERM during the node's start-up must still stop it.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # Checked as RabbitMQ binds (SO_REUSEADDR): a port held only by connections
+    # still closing (TIME_WAIT) after the previous run is not taken.
+    if not port_is_free(port, reuse_address=True):
+        print(
+            f"notifyd dev-broker: port {port} is in use: is a broker already running? "
+            "(--port, or make run DEV_AMQP_PORT=..., picks another)",
+            file=sys.stderr,
+        )
+        return 1
     try:
-        node = RabbitNode(Path(args.dir) if args.dir else None, amqp_port=args.port)
-        if _port_open(node.amqp_port):
-            print(f"port {node.amqp_port} is in use: is a broker already running?", file=sys.stderr)
-            return 1
-        node.start()
+        node = RabbitNode(Path(data_dir) if data_dir else None, amqp_port=port)
     except BrokerError as exc:
         print(f"notifyd dev-broker: {exc}", file=sys.stderr)
         return 1
-    print(f"RabbitMQ ready: {node.amqp_url} (data in {node.base_dir}); Ctrl-C stops it", flush=True)
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
-        while not stopping:
-            if node._process is None or node._process.poll() is not None:
-                print("RabbitMQ exited:\n" + node.log_tail(), file=sys.stderr)
+        node.start()
+        if stopping.is_set():
+            return 0
+        then = f"; running {' '.join(command)}" if command else "; Ctrl-C stops it"
+        print(f"RabbitMQ ready: {node.amqp_url} (data in {node.base_dir}){then}", flush=True)
+        if command:
+            child = subprocess.Popen(command, env={**os.environ, "NOTIFYD_AMQP_URL": node.amqp_url})
+        while not stopping.is_set():
+            if child is not None and child.poll() is not None:
+                return child.returncode
+            if not node.running:
+                print("notifyd dev-broker: RabbitMQ exited:\n" + node.log_tail(), file=sys.stderr)
                 return 1
-            time.sleep(0.5)
+            time.sleep(0.2)
+        return _end(child)
+    except BrokerError as exc:
+        print(f"notifyd dev-broker: {exc}", file=sys.stderr)
+        return 1
     finally:
-        node.stop()
-    return 0
+        _end(child)
+        node.cleanup()
+
+
+def _end(child: subprocess.Popen[bytes] | None) -> int:
+    """Stop ``child`` (SIGTERM, then SIGKILL after a grace period); its exit code."""
+    if child is None:
+        return 0
+    if child.poll() is None:
+        child.send_signal(signal.SIGTERM)
+        try:
+            child.wait(timeout=_COMMAND_GRACE)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return child.returncode

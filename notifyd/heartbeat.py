@@ -53,12 +53,17 @@ class Heartbeat:
             started = loop.time()
             batch = list(self.sockets())
             size = max(1, self.slices(len(batch)))
-            for index in range(0, len(batch), size):
-                for socket in batch[index : index + size]:
+            while batch:
+                # Taken off the round as they are visited: a socket that closes
+                # meanwhile is not kept alive until the round ends.
+                visiting = batch[-size:]
+                del batch[-size:]
+                for socket in visiting:
                     try:
                         socket.heartbeat()
                     except Exception:
                         # One socket's failure must not stop the pings of all the others.
                         log.exception("heartbeat failed for %r", socket)
+                del visiting, socket
                 await asyncio.sleep(TICK)
             await asyncio.sleep(max(TICK, started + self.interval - loop.time()))

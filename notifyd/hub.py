@@ -37,7 +37,7 @@ class Subscriber(Protocol):
     deadline: float
     topics: set[str]
 
-    def write(self, frame: bytes, seq: int) -> bool:
+    def write(self, frame: bytes, seq: int, now: float) -> bool:
         """Queue one frame without blocking; False if it was not queued."""
 
     def close_soon(self, code: int, reason: str) -> None:
@@ -209,7 +209,7 @@ class Hub:
             for subscriber in targets:
                 if subscriber.deadline <= now:
                     _DROPPED_TOKEN_EXPIRED.inc()
-                elif subscriber.write(frame, seq):
+                elif subscriber.write(frame, seq, now):
                     written += 1
         if written:
             metrics.FRAMES_DELIVERED.inc(written)

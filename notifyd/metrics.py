@@ -67,3 +67,20 @@ GC_PAUSE = Histogram(
     ["action"],
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )
+GC_TRACKED = Gauge(
+    "notifyd_gc_tracked_objects",
+    "Objects the cycle collector tracks, frozen ones included (read at scrape time)",
+)
+MALFORMED_REQUESTS = Counter(
+    "notifyd_malformed_requests",
+    "HTTP requests aiohttp could not parse, by kind (refused; their text is never logged)",
+    ["kind"],
+)
+PENDING_SOCKETS = Gauge(
+    "notifyd_pending_sockets", "Sockets upgraded but not yet authenticated (or refused)"
+)
+CLIENT_ERRORS = Counter(
+    "notifyd_client_errors",
+    "error messages sent to clients for messages they sent, by error code",
+    ["code"],
+)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import os
 import re
 import struct
@@ -26,6 +27,8 @@ try:  # orjson is an optional speed-up; the stdlib gives the same bytes for our 
         return orjson.loads(data)
 
     JSONDecodeError: tuple[type[Exception], ...] = (orjson.JSONDecodeError,)
+    #: orjson parses 1,024 levels of nesting but writes only ~254.
+    JSONEncodeError: tuple[type[Exception], ...] = (orjson.JSONEncodeError,)
 except ImportError:  # pragma: no cover - exercised only without the extra
 
     def dumps(obj: Any) -> bytes:
@@ -34,7 +37,8 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     def loads(data: str | bytes) -> Any:
         return json.loads(data)
 
-    JSONDecodeError = (json.JSONDecodeError, UnicodeDecodeError)
+    JSONDecodeError = (json.JSONDecodeError, UnicodeDecodeError, RecursionError)
+    JSONEncodeError = (ValueError, TypeError, RecursionError)
 
 
 SUBPROTOCOL: Final = "notifyd.v1"
@@ -292,6 +296,24 @@ def resume_point(since: object, since_ts: object = None) -> ResumePoint | None:
     return ResumePoint(since, since_ts)
 
 
+def _data(msg: dict[str, Any], ref: Any) -> Any:
+    """A publish/send ``data``, refused here if it could not be written out again.
+
+    JSON may nest deeper than notifyd's encoder writes (orjson reads 1,024 levels,
+    writes ~254); such data would only fail later, on the way to RabbitMQ.
+    Everything notifyd writes holds ``data`` one level down, as this check does.
+    """
+    if "data" not in msg:
+        raise ProtocolError("bad_message", "'data' is required", ref)
+    data = msg["data"]
+    if isinstance(data, dict | list):
+        try:
+            dumps({"data": data})
+        except JSONEncodeError:
+            raise ProtocolError("too_deep", "'data' is nested too deeply", ref) from None
+    return data
+
+
 def _since(msg: dict[str, Any], ref: Any) -> ResumePoint | None:
     try:
         return resume_point(msg.get("since"), msg.get("since_ts"))
@@ -326,15 +348,13 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         channel = _channel(msg, ref)
         if channel.kind != "topic":
             raise ProtocolError("invalid_channel", "clients may publish to topic:<name> only", ref)
-        if "data" not in msg:
-            raise ProtocolError("bad_message", "'data' is required", ref)
-        return Publish(channel, msg["data"], _event(msg, ref, required=False), ref)
+        data = _data(msg, ref)
+        return Publish(channel, data, _event(msg, ref, required=False), ref)
     if kind == "send":
-        if "data" not in msg:
-            raise ProtocolError("bad_message", "'data' is required", ref)
+        data = _data(msg, ref)
         event = _event(msg, ref, required=True)
         assert event is not None
-        return Send(event, msg["data"], ref)
+        return Send(event, data, ref)
     if kind == "auth":
         return Auth(_string(msg, "token", 8192, ref), _since(msg, ref), ref)
     if kind == "refresh":
@@ -473,6 +493,23 @@ class Notification:
     receipt: bool = False
 
 
+#: Publish times past this (9999-12-31, in ms) are ignored: ``ts`` must stay an int64.
+_MAX_PUBLISHED_MS: Final = 253_402_300_799_999
+
+
+def published_time(timestamp: float | None, headers: dict[str, Any] | None) -> float | None:
+    """When a message was published (unix s): header ``notifyd-published-ms``, else
+    the AMQP ``timestamp``, else None."""
+    published_ms = (headers or {}).get(PUBLISHED_AT_HEADER)
+    if (
+        isinstance(published_ms, int)
+        and not isinstance(published_ms, bool)
+        and 0 <= published_ms <= _MAX_PUBLISHED_MS
+    ):
+        return published_ms / 1000
+    return timestamp
+
+
 def decode_notification(
     routing_key: str,
     body: bytes,
@@ -503,11 +540,7 @@ def decode_notification(
     if message_id is not None and (not message_id or len(message_id) > MAX_ID_LENGTH):
         raise InvalidMessage("bad_body", "message_id must be 1..128 characters")
     headers = headers or {}
-    published_ms = headers.get(PUBLISHED_AT_HEADER)
-    if isinstance(published_ms, int) and not isinstance(published_ms, bool):
-        published_at: float | None = published_ms / 1000
-    else:
-        published_at = timestamp
+    published_at = published_time(timestamp, headers)
     sent_at = published_at if published_at is not None else now
     ts = int(sent_at * 1000)
     notification_id = message_id or ids.new(ts)
@@ -518,16 +551,20 @@ def decode_notification(
         except ValueError:
             raise InvalidMessage("bad_body", "expiration must be milliseconds") from None
     sender = headers.get(FROM_HEADER)
-    frame = text_frame(
-        notification(
-            notification_id,
-            str(channel),
-            event,
-            payload["data"],
-            ts,
-            sender if isinstance(sender, str) else None,
+    try:
+        frame = text_frame(
+            notification(
+                notification_id,
+                str(channel),
+                event,
+                payload["data"],
+                ts,
+                sender if isinstance(sender, str) else None,
+            )
         )
-    )
+    except JSONEncodeError:
+        # Parsed, but nested deeper than the encoder writes: refused like any bad body.
+        raise InvalidMessage("too_deep", "'data' is nested too deeply to deliver") from None
     return Notification(
         id=notification_id,
         channel=channel,
@@ -557,8 +594,16 @@ class Revoke:
 ControlCommand = Disconnect | Revoke
 
 
+#: Revocations without ``until`` last this long after ``now`` (the message's publish time).
+DEFAULT_REVOCATION_SECONDS: Final = 86_400.0
+
+
 def decode_control(body: bytes, now: float) -> ControlCommand:
-    """``{"action":"disconnect","user":ID}`` or ``{"action":"revoke","jti":[...],"until":T}``."""
+    """``{"action":"disconnect","user":ID}`` or ``{"action":"revoke","jti":[...],"until":T}``.
+
+    ``now`` is when the message was published, when known: a revocation read again
+    later (from ``notifyd.revocations``) must not last longer for being read late.
+    """
     try:
         payload = loads(body)
     except JSONDecodeError:
@@ -572,12 +617,14 @@ def decode_control(body: bytes, now: float) -> ControlCommand:
         token_ids = payload.get("jti")
         if isinstance(token_ids, str):
             token_ids = [token_ids]
-        until = payload.get("until", now + 86_400)
+        until = payload.get("until", now + DEFAULT_REVOCATION_SECONDS)
         if (
             isinstance(token_ids, list)
             and token_ids
             and all(isinstance(t, str) and 0 < len(t) <= MAX_ID_LENGTH for t in token_ids)
             and isinstance(until, int | float)
+            and not isinstance(until, bool)
+            and math.isfinite(until)
         ):
             return Revoke(tuple(token_ids), float(until))
     raise InvalidMessage("bad_body", "control action must be disconnect{user} or revoke{jti}")

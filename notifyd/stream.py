@@ -30,6 +30,7 @@ from .protocol import (
     InvalidMessage,
     Notification,
     ResumePoint,
+    channel_for_routing_key,
     decode_notification,
     id_timestamp_ms,
 )
@@ -108,18 +109,23 @@ class StreamHistory:
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
 
-    def _start_offset(self, batch: list[_Request]) -> dt.datetime:
-        now = time.time()
+    def _start_offset(self, batch: list[_Request], now: float) -> dt.datetime:
+        """Where one read for ``batch`` starts: shortly before the oldest resume point.
+
+        A resume point with no time (a publisher's own id, no ``since_ts``) starts
+        ``scan_without_time`` seconds back, not at the start of the retention
+        window: reading and decoding all of it would cost seconds of CPU per resume.
+        """
         oldest = now - self.settings.max_age
+        unknown = now - min(self.settings.scan_without_time, self.settings.max_age)
         starts = []
         for request in batch:
-            # Without a time for the resume point the whole window must be read.
             ms = (
                 request.since.ts
                 if request.since.ts is not None
                 else id_timestamp_ms(request.since.id)
             )
-            starts.append(oldest if ms is None else max(oldest, ms / 1000 - SKEW_MARGIN))
+            starts.append(unknown if ms is None else max(oldest, ms / 1000 - SKEW_MARGIN))
         return dt.datetime.fromtimestamp(min(starts), tz=dt.UTC)
 
     async def _read(self, batch: list[_Request]) -> None:
@@ -153,12 +159,24 @@ class StreamHistory:
                 if headers[MARKER_HEADER] == marker and not done.done():
                     done.set_result(None)
                 return  # another read's marker otherwise
+            routing_key = message.delivery.routing_key
+            channel = channel_for_routing_key(routing_key)
+            # Decoded only when a resuming socket reads its channel: most of the
+            # stream is other users' traffic.
+            wanting = [r for r in batch if r.found and channel in r.channels]
+            message_id = properties.message_id
+            if message_id is not None:
+                for request in batch:
+                    if not request.found and message_id == request.since.id:
+                        request.found = True
+            if not wanting:
+                return
             try:
                 timestamp = properties.timestamp
                 notification = decode_notification(
-                    message.delivery.routing_key,
+                    routing_key,
                     message.body,
-                    message_id=properties.message_id,
+                    message_id=message_id,
                     timestamp=timestamp.timestamp() if timestamp is not None else None,
                     expiration=properties.expiration,
                     headers=headers,
@@ -168,19 +186,16 @@ class StreamHistory:
                 )
             except InvalidMessage:
                 return
-            for request in batch:
-                if request.found:
-                    if notification.channel in request.channels and (
-                        notification.expires_at is None or notification.expires_at > now
-                    ):
-                        request.missed.append(notification)
-                elif notification.id == request.since.id:
-                    request.found = True
+            if notification.expires_at is None or notification.expires_at > now:
+                for request in wanting:
+                    request.missed.append(notification)
 
         async def on_message(message: Any) -> None:
             handle(message)
             tag = message.delivery.delivery_tag
-            if tag % 500 == 0 or done.done():
+            # Never once the marker is in: the channel is being closed, and an ack
+            # racing that close makes RabbitMQ close the whole connection (504).
+            if tag % 500 == 0 and not done.done():
                 # Streams need acks to keep granting credit to the consumer.
                 with contextlib.suppress(Exception):
                     await raw.basic_ack(tag, multiple=True)
@@ -190,7 +205,7 @@ class StreamHistory:
             await raw.basic_consume(
                 STREAM_QUEUE,
                 on_message,
-                arguments={"x-stream-offset": self._start_offset(batch)},
+                arguments={"x-stream-offset": self._start_offset(batch, now)},
             )
             # Everything live so far is in the stream before this marker.
             await self.broker.publish_to_queue(STREAM_QUEUE, b"{}", {MARKER_HEADER: marker})

@@ -22,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from notifyd.app import GATEWAY, RUNNER_OPTIONS, create_app
+from notifyd.app import GATEWAY, create_app, runner_options
 from notifyd.auth import mint_token
 from notifyd.config import Settings, from_mapping
 
@@ -154,7 +154,7 @@ async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
     ) -> Server:
         settings = settings_for(url or amqp_url, **sections)
         test_server = TestServer(create_app(settings), host="127.0.0.1")
-        await test_server.start_server(**RUNNER_OPTIONS)
+        await test_server.start_server(**runner_options(settings))
         started.append(test_server)
         server = Server(test_server, session)
         if wait_ready:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -10,14 +11,21 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client import REGISTRY
 
 import notifyd.metrics  # noqa: F401  (declares the metrics)
 from notifyd.config import from_mapping
 
-DEPLOY = Path(__file__).parent.parent / "deploy"
+ROOT = Path(__file__).parent.parent
+DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
+#: An overlay of K8S that adds what needs the Prometheus Operator's CRDs.
+K8S_OPERATOR = DEPLOY / "k8s-prometheus-operator"
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+#: Long and random enough for HS256: the manifests' own values are placeholders.
+SECRET = "9b1f0e6c2d8a4f7e3c5b1a0d9e8f7c6b"
 
 
 def documents(path: Path) -> list[dict[str, Any]]:
@@ -45,26 +53,51 @@ def used_metrics(expression: str) -> set[str]:
     return set(re.findall(r"\bnotifyd_[a-z_]+", expression))
 
 
-def test_every_manifest_parses_and_is_complete() -> None:
+def manifests(directory: Path) -> dict[str, dict[str, Any]]:
+    """``{kind: document}`` of a kustomization's own files, which it must all list."""
     kinds = {}
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         for doc in documents(path):
             assert {"apiVersion", "kind"} <= set(doc), path
             if doc["kind"] != "Kustomization":
                 assert doc["metadata"]["name"] == "notifyd", path
             kinds[doc["kind"]] = doc
-    assert {
-        "Deployment",
-        "Service",
-        "PodDisruptionBudget",
-        "ConfigMap",
-        "Secret",
-        "ServiceMonitor",
-    } <= set(kinds)
-    listed = documents(K8S / "kustomization.yaml")[0]["resources"]
-    assert sorted(listed) == sorted(
-        p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml"
-    )
+    own = [p.name for p in directory.glob("*.yaml") if p.name != "kustomization.yaml"]
+    listed = documents(directory / "kustomization.yaml")[0]["resources"]
+    assert sorted(r for r in listed if r.endswith(".yaml")) == sorted(own)
+    return kinds
+
+
+def test_every_manifest_parses_and_is_complete() -> None:
+    kinds = manifests(K8S)
+    assert {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap", "Secret"} <= set(kinds)
+    # Only built-in kinds: `kubectl apply -k deploy/k8s` needs no operator's CRDs.
+    builtin = ("v1", "apps/v1", "policy/v1", "kustomize.config.k8s.io/v1beta1")
+    assert all(doc["apiVersion"] in builtin for doc in kinds.values()), kinds
+
+
+def test_the_service_monitor_is_an_optional_overlay() -> None:
+    """Issue 13.19: the ServiceMonitor made the base need the Prometheus Operator."""
+    kinds = manifests(K8S_OPERATOR)
+    assert set(kinds) == {"Kustomization", "ServiceMonitor"}
+    assert "../k8s" in kinds["Kustomization"]["resources"]
+    monitor = kinds["ServiceMonitor"]
+    service = documents(K8S / "service.yaml")[0]
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
+
+
+def test_kustomize_builds_both() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed (the YAML checks above still ran)")
+    for directory, monitor in ((K8S, False), (K8S_OPERATOR, True)):
+        built = subprocess.run([kubectl, "kustomize", str(directory)],
+                               capture_output=True, text=True, check=False)  # fmt: skip
+        assert built.returncode == 0, built.stderr
+        kinds = {doc["kind"] for doc in yaml.safe_load_all(built.stdout)}
+        assert ("ServiceMonitor" in kinds) == monitor
+        assert {"Deployment", "Service", "Secret"} <= kinds
 
 
 def test_deployment_probes_drain_and_limits_match_notifyd() -> None:
@@ -80,7 +113,8 @@ def test_deployment_probes_drain_and_limits_match_notifyd() -> None:
 
     config_map = documents(K8S / "configmap.yaml")[0]
     settings = from_mapping(
-        {**tomllib.loads(config_map["data"]["notifyd.toml"]), "auth": {"secret": "x"}}, "configmap"
+        {**tomllib.loads(config_map["data"]["notifyd.toml"]), "auth": {"secret": SECRET}},
+        "configmap",
     )
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep"
@@ -97,6 +131,7 @@ def test_compose_runs_two_replicas_on_one_rabbitmq_with_prometheus_and_grafana()
     for name in ("notifyd-1", "notifyd-2"):
         service = services[name]
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert service["build"]["context"] == ".."  # where .dockerignore is
         assert "rabbitmq:5672" in service["environment"]["NOTIFYD_AMQP_URL"]
         assert service["environment"]["NOTIFYD_HISTORY_BACKEND"] == "stream"
     ids = {
@@ -110,6 +145,70 @@ def test_compose_runs_two_replicas_on_one_rabbitmq_with_prometheus_and_grafana()
         t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
     }
     assert {"notifyd-1:8080", "notifyd-2:8080"} <= targets
+
+
+def test_compose_keeps_amqp_the_demo_and_secrets_to_itself() -> None:
+    """Issue 13.19: it published 5672 (clashing with `make run`) and enabled the demo."""
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    published = [
+        str(port) for service in compose["services"].values() for port in service.get("ports", [])
+    ]
+    assert published and all(port.startswith("127.0.0.1:") for port in published), published
+    assert not [port for port in published if port.split(":")[-1] == "5672"], published
+    for name in ("notifyd-1", "notifyd-2"):
+        environment = compose["services"][name]["environment"]
+        assert environment["NOTIFYD_DEMO_ENABLED"] == "${NOTIFYD_DEMO_ENABLED:-false}"
+        # No secret in the file: compose refuses to start until one is given.
+        assert environment["NOTIFYD_AUTH_SECRET"].startswith("${NOTIFYD_AUTH_SECRET:?")
+        assert environment["NOTIFYD_API_SERVICE_KEYS"] == "${NOTIFYD_API_SERVICE_KEYS:-}"
+
+
+def test_one_image_tag_everywhere() -> None:
+    tag = f"notifyd:{VERSION}"
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    deployment = next(d for d in documents(K8S / "deployment.yaml") if d["kind"] == "Deployment")
+    used = {
+        compose["x-notifyd"]["image"],
+        deployment["spec"]["template"]["spec"]["containers"][0]["image"],
+    }
+    for doc in (DEPLOY / "Dockerfile", DEPLOY / "README.md", ROOT / "README.md"):
+        used.update(re.findall(r"docker build\b[^`\n]*-t (\S+)", doc.read_text()))
+    assert used == {tag}
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern that matches the path or a parent of it wins.
+
+    fnmatch's ``*`` also crosses ``/``, as Docker's ``**`` does; ``**/x`` also matches
+    a top-level ``x``.
+    """
+    parts = path.split("/")
+    parents = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    ignored = False
+    for line in patterns:
+        pattern = line.removeprefix("!").rstrip("/")
+        forms = {pattern, pattern.removeprefix("**/")}
+        if any(fnmatch.fnmatch(p, form) for p in parents for form in forms):
+            ignored = not line.startswith("!")
+    return ignored
+
+
+def test_dockerignore_sends_only_what_the_image_copies() -> None:
+    """Issue 13.19: without it the build context was the whole checkout (.venv, .git...)."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    copied = re.findall(r"^COPY (?!--from)(.+) \S+$", (DEPLOY / "Dockerfile").read_text(), re.M)
+    sources = [source for line in copied for source in line.split()]
+    assert sources
+    for source in sources:
+        assert not dockerignored(source.removeprefix("./"), patterns), source
+    assert not dockerignored("notifyd/static/notifyd.js", patterns)
+    for kept_out in (".venv/bin/python", ".git/config", "tests/conftest.py", "benchmarks/run.py",
+                     "notifyd/__pycache__/app.cpython-311.pyc", ".run/x", "deploy/Dockerfile"):  # fmt: skip
+        assert dockerignored(kept_out, patterns), kept_out
 
 
 def test_dockerfile_is_multi_stage_non_root_with_a_healthcheck() -> None:

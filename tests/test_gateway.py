@@ -15,6 +15,7 @@ import websockets
 
 from notifyd.auth import mint_token
 from notifyd.publisher import Publisher
+from notifyd.session import Session
 
 from .conftest import (
     SECRET,
@@ -172,11 +173,11 @@ async def test_an_internal_error_closes_1011_and_the_server_lives(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A bug cannot be produced for real: a handler is made to fail on purpose.
-    async def broken(session: object, message: object) -> None:
+    def broken(session: object, message: object, now: float) -> None:
         raise RuntimeError("simulated bug")
 
     victim, _ = await server.connect(new_user())
-    monkeypatch.setattr(server.gateway.sockets, "_handle", broken)
+    monkeypatch.setattr(Session, "_handle", broken)
     await victim.send_json({"type": "ping"})
     assert await expect_close(victim) == 1011
     monkeypatch.undo()
@@ -282,7 +283,7 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_lives(
     ws, _ = await server.connect(user)
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
-    dead = await channel.declare_queue("notifyd.dead", durable=True)
+    dead = await channel.declare_queue("notifyd.dead", passive=True)  # bounded by notifyd
     await dead.purge()
 
     await amqp.send(f"user.{user}", b"\xff not json", message_id="poison-1")

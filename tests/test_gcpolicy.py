@@ -25,27 +25,21 @@ def test_a_connect_storm_is_frozen_without_a_scan_then_young_ones_are_collected(
     assert policy.decide(open_now=1_399, closed=300, now=2.0) is Action.FREEZE
 
 
-def test_a_full_collection_follows_enough_closed_sockets() -> None:
-    policy = settled(10_000, min_closed=100, closed_fraction=0.25)
-    # 2,000 closed of 8,000 still open is under a quarter: not yet.
-    assert policy.decide(open_now=10_000, closed=2_000, now=1.0) is not Action.FULL
-    assert policy.decide(open_now=10_000, closed=2_500, now=2.0) is Action.FULL
-    # Counted from the last full collection on.
-    assert policy.decide(open_now=10_000, closed=4_000, now=3.0) is not Action.FULL
-    assert policy.decide(open_now=10_000, closed=5_000, now=4.0) is Action.FULL
+def test_churn_alone_never_triggers_a_full_collection() -> None:
+    # Closed sockets are freed by reference counting: no full collection is needed.
+    policy = settled(10_000)
+    assert all(
+        policy.decide(open_now=10_000, closed=closed, now=closed / 1000) is not Action.FULL
+        for closed in range(0, 100_000, 500)
+    )
 
 
-def test_few_open_sockets_still_wait_for_min_closed() -> None:
-    policy = settled(10, min_closed=100, closed_fraction=0.25)
-    assert policy.decide(open_now=10, closed=99, now=1.0) is not Action.FULL
-    assert policy.decide(open_now=10, closed=100, now=2.0) is Action.FULL
-
-
-def test_a_trickle_of_closes_is_collected_after_max_full_interval() -> None:
-    policy = settled(50, min_closed=100, max_full_interval=60.0)
-    assert policy.decide(open_now=50, closed=0, now=100.0) is Action.YOUNG  # nothing closed
-    assert policy.decide(open_now=50, closed=1, now=101.0) is Action.FULL
-    assert policy.decide(open_now=50, closed=2, now=102.0) is Action.YOUNG
+def test_a_full_collection_runs_only_as_a_safety_net_every_max_full_interval() -> None:
+    policy = settled(50, max_full_interval=60.0)
+    assert policy.decide(open_now=50, closed=0, now=59.0) is Action.YOUNG
+    assert policy.decide(open_now=50, closed=0, now=60.0) is Action.FULL
+    assert policy.decide(open_now=50, closed=0, now=61.0) is Action.YOUNG
+    assert policy.decide(open_now=50, closed=0, now=120.0) is Action.FULL
 
 
 class _Node:

@@ -96,3 +96,27 @@ def test_retained_notifications_cost_the_cycle_collector_nothing() -> None:
     assert len(history) == 2_001
     assert len(gc.get_objects()) - before < 20  # not one tracked object per entry
     assert ids(history.replay("n1997", [ALICE])) == ["n1998", "n1999"]
+
+
+def test_a_stream_resume_without_a_time_reads_a_bounded_window() -> None:
+    from notifyd.config import HistorySettings
+    from notifyd.protocol import IdGenerator, ResumePoint
+    from notifyd.stream import SKEW_MARGIN, StreamHistory, _Request
+
+    history = StreamHistory(
+        HistorySettings(backend="stream", max_age=3600, scan_without_time=60), broker=None
+    )
+    now = 1_000_000.0
+
+    def start(*points: ResumePoint) -> float:
+        batch = [_Request(point, frozenset(), None) for point in points]  # type: ignore[arg-type]
+        return history._start_offset(batch, now).timestamp()
+
+    # A publisher's own id, no since_ts: 60 s back, not the hour of retention.
+    assert start(ResumePoint("order-17")) == now - 60
+    # A time from the client or from a generated id: shortly before it.
+    assert start(ResumePoint("order-17", ts=int((now - 600) * 1000))) == now - 600 - SKEW_MARGIN
+    generated = IdGenerator().new(int((now - 30) * 1000))
+    assert start(ResumePoint(generated)) == now - 30 - SKEW_MARGIN
+    # Never before the retention window.
+    assert start(ResumePoint("x", ts=0)) == now - 3600

@@ -6,7 +6,6 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from notifyd.connection import TokenBucket
 from notifyd.history import MemoryHistory, RecentIds
 from notifyd.hub import Hub
 from notifyd.protocol import BROADCAST, Channel, Notification
@@ -21,7 +20,7 @@ class FakeSocket:
     frames: list[bytes] = field(default_factory=list)
     closed_with: int | None = None
 
-    def write(self, frame: bytes, seq: int) -> bool:
+    def write(self, frame: bytes, seq: int, now: float) -> bool:
         if self.accept:
             self.frames.append(frame)
         return self.accept
@@ -129,12 +128,3 @@ def test_disconnect_user_closes_only_their_sockets() -> None:
         hub.add(s)
     assert hub.disconnect_user("a") == 2
     assert (a1.closed_with, a2.closed_with, b.closed_with) == (4003, 4003, None)
-
-
-def test_token_bucket() -> None:
-    bucket = TokenBucket(rate=2, burst=3)
-    start = time.monotonic()
-    assert [bucket.take(now=start) for _ in range(4)] == [True, True, True, False]
-    assert bucket.take(now=start + 0.5)  # one token back after 0.5 s at 2/s
-    assert not bucket.take(now=start + 0.5)
-    assert bucket.take(now=start + 10) and bucket.take(now=start + 10)  # refills up to burst

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from notifyd.auth import NO_GRANTS, Identity
-from notifyd.connection import Outbox, Session
-from notifyd.protocol import text_frame
+from notifyd.connection import Connection
+from notifyd.protocol import Channel, Notification, text_frame
+
+from .conftest import ServerFactory, new_user, raw_upgrade, token
 
 
 class CountingTransport:
@@ -25,70 +26,40 @@ class CountingTransport:
         return getattr(self.transport, name)
 
 
-class Received(asyncio.Protocol):
-    def __init__(self) -> None:
-        self.data = b""
-
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-
-async def test_a_burst_leaves_in_one_write_per_socket_in_order() -> None:
-    loop = asyncio.get_running_loop()
-    receivers: list[Received] = []
-    server = await loop.create_server(
-        lambda: receivers.append(Received()) or receivers[-1], "127.0.0.1", 0
-    )
-    port = server.sockets[0].getsockname()[1]
-    outbox = Outbox()
-    sessions, transports = [], []
-    for user in ("ada", "bob"):
-        real, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-        transport = CountingTransport(real)
-        identity = Identity(user, loop.time() + 60, NO_GRANTS, NO_GRANTS)
-        sessions.append(Session(None, transport, identity, 1 << 20, 0.0, outbox))  # type: ignore[arg-type]
-        transports.append(transport)
+async def test_a_burst_leaves_in_one_write_per_socket_in_order(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server()
+    hub = server.gateway.hub
+    users = [new_user(), new_user()]
+    readers, writers = [], []  # the writers are kept: a collected one closes its socket
+    for user in users:
+        reader, writer = await raw_upgrade(server.test_server.port, token(user))
+        await reader.readuntil(b"\r\n\r\n")
+        head = await reader.readexactly(2)
+        assert head[0] == 0x81 and head[1] < 126, head
+        assert b'"welcome"' in await reader.readexactly(head[1])
+        readers.append(reader)
+        writers.append(writer)
+    connections: list[Connection] = [hub.sockets_of(user)[0] for user in users]  # type: ignore[misc]
+    counters = []
+    for connection in connections:
+        counter = CountingTransport(connection.transport)
+        connection.transport = counter  # type: ignore[assignment]
+        counters.append(counter)
     frames = [text_frame(f'{{"n":{i}}}'.encode()) for i in range(5)]
-    for frame in frames:
-        for session in sessions:
-            assert session.write(frame, 0)
-    assert [t.writes for t in transports] == [0, 0]  # nothing written until the loop turns
-    for _ in range(50):
-        await asyncio.sleep(0.01)
-        if all(len(r.data) == len(b"".join(frames)) for r in receivers):
-            break
-    assert [t.writes for t in transports] == [1, 1]
-    assert [r.data for r in receivers] == [b"".join(frames)] * 2
+    for index, frame in enumerate(frames):
+        for user in users:
+            notification = Notification(f"{user}-{index}", Channel("user", user), frame, 0)
+            assert hub.deliver(notification) == 1
+    assert [c.writes for c in counters] == [0, 0]  # nothing written until the loop turns
+    for reader in readers:
+        received = await asyncio.wait_for(reader.readexactly(len(b"".join(frames))), 5)
+        assert received == b"".join(frames)
+    assert [c.writes for c in counters] == [1, 1]
     # The next pass starts a new batch.
-    sessions[0].write(frames[0], 0)
-    await asyncio.sleep(0.01)
-    assert transports[0].writes == 2
-    for transport in transports:
-        transport.close()
-    server.close()
-    await server.wait_closed()
-
-
-class ClosingSession(Session):
-    """Records the close instead of running the WebSocket close handshake."""
-
-    __slots__ = ("closed_with",)
-
-    def close_soon(self, code: int, reason: str, grace: float = 5.0) -> None:
-        self.closed_with = code
-
-
-async def test_queued_bytes_count_against_the_send_buffer() -> None:
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    real, _ = await loop.create_connection(asyncio.Protocol, "127.0.0.1", port)
-    identity = Identity("ada", loop.time() + 60, NO_GRANTS, NO_GRANTS)
-    frame = text_frame(b"x" * 100)
-    session = ClosingSession(None, real, identity, 3 * len(frame), 0.0, Outbox())  # type: ignore[arg-type]
-    assert session.write(frame) and session.write(frame) and session.write(frame)
-    assert not session.write(frame)  # a fourth would pass the limit before any write
-    assert session.closed_with == 4009
-    real.close()
-    server.close()
-    await server.wait_closed()
+    hub.deliver(Notification("again", Channel("user", users[0]), frames[0], 0))
+    await asyncio.wait_for(readers[0].readexactly(len(frames[0])), 5)
+    assert counters[0].writes == 2
+    for writer in writers:
+        writer.close()

@@ -350,7 +350,12 @@ async def test_delivery_receipts_and_acks(
         f"user.{user}", {"data": 1}, message_id=f"{user}-r", headers={"notifyd-receipt": True}
     )
     await amqp.send(f"user.{offline}", {"data": 2}, headers={"notifyd-receipt": True})
-    receipt = json.loads((await queue.get(timeout=5)).body)
+    # basic.get does not wait: poll until the receipt is in the queue.
+    deadline = time.monotonic() + 5
+    while (message := await queue.get(fail=False)) is None:
+        assert time.monotonic() < deadline, "no receipt within 5 s"
+        await asyncio.sleep(0.02)
+    receipt = json.loads(message.body)
     assert (receipt["id"], receipt["delivered"], receipt["online"]) == (f"{user}-r", 2, True)
     assert receipt["channel"] == f"user:{user}"
 

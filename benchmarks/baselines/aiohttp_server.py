@@ -3,7 +3,8 @@
 ``--mode naive`` awaits ``send_str`` for every socket in turn, as most hand-written
 gateways do. ``--mode raw`` is the limit: the notification framed once and written
 straight to every transport. Both verify the same HS256 JWT and answer with a welcome
-frame, like notifyd, and consume ``user.*`` and ``broadcast`` from exchange ``notifyd``.
+frame, like notifyd, answer ``{"type":"ping"}`` with ``{"type":"pong"}`` (and its
+``ref``), and consume ``user.*`` and ``broadcast`` from exchange ``notifyd``.
 """
 
 from __future__ import annotations
@@ -13,10 +14,22 @@ import json
 
 import aio_pika
 import jwt
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
 from benchmarks.baselines import arguments, serve
 from notifyd.protocol import text_frame
+
+
+def pong(text: str) -> str | None:
+    """notifyd's answer to a client ``ping``, echoing its ``ref``; None for anything else."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "ping":
+        return None
+    ref = message.get("ref")
+    return json.dumps({"type": "pong"} if ref is None else {"type": "pong", "ref": ref})
 
 
 def main() -> None:
@@ -36,8 +49,10 @@ def main() -> None:
         users.setdefault(user, set()).add(ws)
         everyone.add(ws)
         try:
-            async for _ in ws:
-                pass
+            async for msg in ws:
+                answer = pong(msg.data) if msg.type is WSMsgType.TEXT else None
+                if answer is not None:
+                    await ws.send_str(answer)
         finally:
             everyone.discard(ws)
             users[user].discard(ws)
