@@ -1,6 +1,6 @@
 """Benchmarks: notifyd and its baselines, measured side by side in one run.
 
-    python benchmarks/run.py            # the whole suite (`make bench`), under 10 minutes
+    python benchmarks/run.py            # the whole suite (`make bench`), ~17 minutes here
     python benchmarks/run.py --quick    # small counts, for development
     python benchmarks/run.py --quick --scenarios churn --only notifyd naive   # a subset
 

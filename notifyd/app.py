@@ -45,6 +45,7 @@ from .protocol import (
     ProtocolError,
     ResumePoint,
     Revoke,
+    channel_for_routing_key,
     loads,
     parse_channel,
     valid_event,
@@ -55,6 +56,8 @@ from .revocations import RevocationLog
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(str(resources.files("notifyd") / "static"))
+#: Seconds between looks at the broker connection for ``[amqp] close_sockets_after``.
+OUTAGE_POLL = 0.2
 
 
 class Gateway:
@@ -104,6 +107,7 @@ class Gateway:
         self.draining = False
         self._broker_task: asyncio.Task[None] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self._outage_task: asyncio.Task[None] | None = None
 
     # --- routing callbacks ------------------------------------------------------------
 
@@ -144,6 +148,55 @@ class Gateway:
                 closed += 1
         return closed
 
+    async def _recover_queue_gap(self, connection: Any, since: float) -> None:
+        """This replica's queue was lost: deliver what was routed since ``since`` from
+        the shared stream into the hub (which drops what it delivered already, by id),
+        before consuming the new queue and reporting ready."""
+        if self.stream is None:
+            log.warning(
+                'no shared history to recover from ([history] backend = "stream"): what '
+                "was routed to this replica's users meanwhile is lost to their open sockets"
+            )
+            return
+        keys = self.broker.bindings.desired
+        channels = [c for c in map(channel_for_routing_key, keys) if c is not None]
+        missed = await self.stream.read_gap(connection, since, channels)
+        now = time.time()
+        delivered = sum(1 for notification in missed if self.hub.deliver(notification, now))
+        log.info(
+            "recovered %d notifications from the stream (%d to sockets here)",
+            len(missed),
+            delivered,
+        )
+
+    async def _close_sockets_in_outage(self) -> None:
+        """``[amqp] close_sockets_after``: sockets on a replica cut off from RabbitMQ get
+        nothing, so they are closed with 1001 and their clients resume on a replica
+        that has a connection. New sockets are refused (503) until it is back."""
+        limit = self.settings.amqp.close_sockets_after
+        refusing = False
+        while True:
+            await asyncio.sleep(OUTAGE_POLL)
+            since = self.broker.disconnected_since
+            cut_off = since is not None and time.monotonic() - since >= limit
+            if cut_off and not refusing and not self.draining:
+                refusing = True
+                self.sockets.draining = True
+                connections = list(self.sockets.connections)
+                log.warning(
+                    "no broker connection for %.1fs: closing %d sockets with 1001 (their "
+                    "clients resume elsewhere) and refusing new ones until it is back",
+                    limit,
+                    len(connections),
+                )
+                for connection in connections:
+                    connection.close_soon(CloseCode.GOING_AWAY, "no broker connection")
+            elif refusing and not cut_off:
+                refusing = False
+                if not self.draining:
+                    self.sockets.draining = False
+                log.info("broker connection back: accepting sockets again")
+
     async def _replay_memory(
         self, since: ResumePoint, channels: list[Channel], before_seq: int | None
     ) -> list[Notification] | None:
@@ -161,8 +214,11 @@ class Gateway:
         self.broker.on_connected.append(self.revocations.on_connected)
         if self.stream is not None:
             self.broker.on_connected.append(self.stream.on_connected)
+        self.broker.on_queue_lost.append(self._recover_queue_gap)
         loop = asyncio.get_running_loop()
         self._broker_task = loop.create_task(self.broker.run())
+        if self.settings.amqp.close_sockets_after:
+            self._outage_task = loop.create_task(self._close_sockets_in_outage())
         if self.settings.ws.heartbeat:
             heartbeat = Heartbeat(self.settings.ws.heartbeat, self.sockets.sessions)
             self._heartbeat_task = loop.create_task(heartbeat.run())
@@ -186,7 +242,7 @@ class Gateway:
         await self.sockets.close()
         self.hub.close()
         await self.broker.close()
-        for task in (self._broker_task, self._heartbeat_task):
+        for task in (self._broker_task, self._heartbeat_task, self._outage_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -470,6 +526,11 @@ async def serve(
         **runner_options(settings),
     )
     await runner.setup()
+    # Connections aiohttp still holds: requests in progress, keep-alive, and clients
+    # that have not finished their request yet (cut off after handshake_timeout).
+    http_server = runner.server
+    assert http_server is not None
+    metrics.HTTP_CONNECTIONS.set_function(lambda: len(http_server.connections))
     # A reconnect storm opens thousands of sockets at once: with aiohttp's default
     # backlog of 128 the kernel drops SYNs and clients stall for a 1 s retransmit.
     site = web.TCPSite(

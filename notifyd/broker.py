@@ -68,6 +68,8 @@ _BIND_BATCH = 5000
 #: Queue.Unbind has no no-wait flag, so each costs a round-trip: take few at a time
 #: so that binds (which a connecting socket waits for) are never stuck behind them.
 _UNBIND_BATCH = 100
+#: Binds sent between two turns of the event loop.
+_YIELD_EVERY = 64
 
 
 def default_replica_id() -> str:
@@ -87,61 +89,105 @@ async def declare_topology(channel: AbstractChannel) -> None:
     await channel.declare_exchange(RECEIPTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
 
 
-async def declare_queue(connection: Any, name: str, arguments: dict[str, Any]) -> str | None:
+async def declare_queue(
+    connection: Any, name: str, arguments: dict[str, Any], bind_to: str | None = None
+) -> str | None:
     """Declare a durable queue with ``arguments``; if it exists with other ones, keep it.
 
     RabbitMQ refuses to declare an existing queue with different arguments
     (PRECONDITION_FAILED, which also closes the channel): a queue created by an
     older notifyd or before a setting changed would otherwise keep every replica
     from connecting. The declaration gets a channel of its own for that reason.
+    With ``bind_to``, the queue is then bound to that exchange (either way).
     Returns None when the queue has ``arguments``, else RabbitMQ's explanation,
     for the caller to tell the operator what to do.
     """
+    refused = None
     channel = await connection.channel(publisher_confirms=False)
     try:
-        await channel.declare_queue(name, durable=True, arguments=arguments)
-    except aiormq.exceptions.ChannelPreconditionFailed as exc:
-        return str(exc.args[0] if exc.args else exc)
+        try:
+            await channel.declare_queue(name, durable=True, arguments=arguments)
+        except aiormq.exceptions.ChannelPreconditionFailed as exc:
+            refused = str(exc.args[0] if exc.args else exc)
+            if bind_to is not None:
+                channel = await connection.channel(publisher_confirms=False)
+        if bind_to is not None:
+            raw = await channel.get_underlay_channel()
+            await raw.queue_bind(name, bind_to)
     finally:
         if not channel.is_closed:
             await channel.close()
-    return None
+    return refused
+
+
+async def queue_exists(connection: Any, name: str) -> bool:
+    """Whether queue ``name`` exists (a passive declare, on a channel of its own)."""
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        await channel.declare_queue(name, passive=True)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        return False
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    return True
+
+
+def replica_queue_arguments(settings: AmqpSettings) -> dict[str, Any]:
+    """A replica's queue: deleted once unused for ``queue_expires``, replicated if quorum."""
+    arguments: dict[str, Any] = {"x-expires": int(settings.queue_expires * 1000)}
+    if settings.queue_type == "quorum":
+        # Raft-replicated on every node: the loss of one node, even the one leading
+        # the queue, neither loses what it holds nor stops a reconnect to another.
+        arguments["x-queue-type"] = "quorum"
+    return arguments
 
 
 def dead_letter_arguments(settings: AmqpSettings) -> dict[str, Any]:
     """``notifyd.dead``'s bounds: past either one, the oldest dead letters are dropped.
 
-    None (both 0): the queue is declared without arguments, as notifyd did before
-    it had bounds, e.g. for a queue an operator bounds with a policy instead.
+    None (both 0): no bounds, as notifyd declared it before it had them, e.g. for a
+    queue an operator bounds with a policy instead. A quorum queue is replicated:
+    its node being down never stops a replica from (re)connecting.
     """
     arguments: dict[str, Any] = {}
+    if settings.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
     if settings.dead_letter_max_length:
         arguments["x-max-length"] = settings.dead_letter_max_length
     if settings.dead_letter_max_bytes:
         arguments["x-max-length-bytes"] = settings.dead_letter_max_bytes
-    if arguments:
+    if "x-max-length" in arguments or "x-max-length-bytes" in arguments:
         arguments["x-overflow"] = "drop-head"
     return arguments
 
 
 class BindingTable:
-    """The routing keys the hub wants, reconciled with the broker in batches."""
+    """The routing keys the hub wants, reconciled with the broker in batches.
+
+    Only keys that changed are looked at to find the next batch: scanning every
+    wanted key per batch made a storm of new users cost O(users²).
+    """
 
     def __init__(self) -> None:
         self.desired: set[str] = set(ALWAYS_BOUND)
         #: Keys that are (or may still be) bound on the broker.
         self.bound: set[str] = set()
+        #: Keys whose wanted and bound states may differ.
+        self._dirty: set[str] = set(ALWAYS_BOUND)
         self.changed = asyncio.Event()
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def want(self, routing_key: str) -> None:
         self.desired.add(routing_key)
         if routing_key not in self.bound:
+            self._dirty.add(routing_key)
             self.changed.set()
 
     def release(self, routing_key: str) -> None:
         self.desired.discard(routing_key)
         if routing_key in self.bound:
+            self._dirty.add(routing_key)
             self.changed.set()
 
     def is_bound(self, routing_key: str) -> bool:
@@ -162,9 +208,26 @@ class BindingTable:
         return True
 
     def pending(self) -> tuple[list[str], list[str]]:
-        to_bind = [k for k in self.desired if k not in self.bound]
-        to_unbind = [k for k in self.bound if k not in self.desired]
-        return to_bind[:_BIND_BATCH], to_unbind[:_UNBIND_BATCH]
+        """The next batch: keys to bind, keys to unbind."""
+        to_bind: list[str] = []
+        to_unbind: list[str] = []
+        settled = []
+        desired, bound = self.desired, self.bound
+        for key in self._dirty:
+            if key in desired:
+                if key in bound:
+                    settled.append(key)
+                elif len(to_bind) < _BIND_BATCH:
+                    to_bind.append(key)
+            elif key in bound:
+                if len(to_unbind) < _UNBIND_BATCH:
+                    to_unbind.append(key)
+            else:
+                settled.append(key)
+            if len(to_bind) >= _BIND_BATCH and len(to_unbind) >= _UNBIND_BATCH:
+                break
+        self._dirty.difference_update(settled)
+        return to_bind, to_unbind
 
     def applied(self, bound: list[str], unbound: list[str]) -> None:
         self.bound.update(bound)
@@ -182,6 +245,8 @@ class BindingTable:
         disconnect with them, so they are unbound.
         """
         self.bound.difference_update(self.desired)
+        self._dirty.update(self.desired)
+        self._dirty.update(self.bound)
         self.changed.set()
 
 
@@ -206,6 +271,15 @@ class Broker:
         self.connected = asyncio.Event()
         #: Awaited with the new connection after each (re)connect, before consuming.
         self.on_connected: list[Callable[[Any], Awaitable[None]]] = []
+        #: Awaited with the new connection and a unix time when this replica's queue
+        #: was gone on reconnect (deleted, or expired with what it held): what was
+        #: routed since about that time never reached this replica. Runs after
+        #: :attr:`on_connected`, with every binding in place, before consuming.
+        self.on_queue_lost: list[Callable[[Any, float], Awaitable[None]]] = []
+        #: The URL of the node this replica is connected to (or last tried).
+        self.current_url = settings.node_urls[0]
+        #: ``time.monotonic()`` since when there is no connection (None: connected).
+        self.disconnected_since: float | None = time.monotonic()
         self._connection: Any = None
         self._publisher: AbstractChannel | None = None
         self._lost = asyncio.Event()
@@ -216,30 +290,46 @@ class Broker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dead_logged: dict[str, float] = {}
         self._dead_queue_warned = False
-        self._attempts = 0
+        #: Publish time (unix s) of the last notification consumed: where a replay
+        #: starts if the queue is lost. None until the queue was first declared.
+        self._caught_up_to: float | None = None
+        #: Where a recovery after a lost queue starts, until one succeeded.
+        self._recover_from: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Keep the connection up until :meth:`close`; never raises for broker trouble."""
+        """Keep the connection up until :meth:`close`; never raises for broker trouble.
+
+        Each attempt goes to the next of ``[amqp] urls``: after a lost connection
+        the first retry (after ``reconnect_min``) is to another node, since the
+        lost one may be down. The backoff grows only once every node has failed.
+        """
+        urls = self.settings.node_urls
+        index = 0
         ceiling = self.settings.reconnect_min
+        failures = 0
         first = True
         while not self._closing:
+            url = urls[index % len(urls)]
+            index += 1
             try:
-                await self._connect()
+                await self._connect(url)
             except (aiormq.AMQPError, OSError, ConnectionError, TimeoutError, RuntimeError) as exc:
                 await self._disconnect()
-                problem = f"broker {redact_url(self.settings.url)} unavailable ({_reason(exc)})"
+                problem = f"broker {redact_url(url)} unavailable ({_reason(exc)})"
+                failures += 1
             else:
                 if not first:
                     metrics.BROKER_RECONNECTS.inc()
                 first = False
                 ceiling = self.settings.reconnect_min
+                failures = 0
                 await self._lost.wait()
                 if self.closed:
                     break
                 await self._disconnect()
-                problem = "broker connection lost"
+                problem = f"connection to broker {redact_url(url)} lost"
             if self.closed:
                 break
             # Full jitter: replicas that lost the broker together do not return together.
@@ -247,14 +337,15 @@ class Broker:
             pause = random.uniform(self.settings.reconnect_min, ceiling)
             log.warning("%s; reconnecting in %.2fs", problem, pause)
             await asyncio.sleep(pause)
-            ceiling = min(self.settings.reconnect_max, ceiling * 2)
+            if failures >= len(urls):
+                ceiling = min(self.settings.reconnect_max, ceiling * 2)
 
-    async def _connect(self) -> None:
+    async def _connect(self, url: str) -> None:
         self._lost.clear()
+        self.current_url = url
         connection = await asyncio.wait_for(
             aio_pika.connect(
-                self.settings.url,
-                client_properties={"connection_name": f"notifyd {self.replica_id}"},
+                url, client_properties={"connection_name": f"notifyd {self.replica_id}"}
             ),
             timeout=CONNECT_TIMEOUT,
         )
@@ -263,56 +354,113 @@ class Broker:
         publisher = await connection.channel(publisher_confirms=True)
         publisher.close_callbacks.add(self._on_lost)
         await declare_topology(publisher)
-        await self._declare_dead_letter_queue(connection, publisher)
+        await self._declare_dead_letter_queue(connection)
+        existed = await self._declare_replica_queue(connection)
         consumer = await connection.channel(publisher_confirms=False)
         consumer.close_callbacks.add(self._on_lost)
         raw = await consumer.get_underlay_channel()
-        await raw.queue_declare(
-            self.queue_name,
-            durable=True,
-            arguments={"x-expires": int(self.settings.queue_expires * 1000)},
-        )
         self.bindings.forget_bound()
         await self._apply_bindings(raw)
         for callback in self.on_connected:
             await callback(connection)
+        if not existed and self._caught_up_to is not None and self._recover_from is None:
+            self._recover_from = self._caught_up_to
+            log.warning(
+                "queue %s was gone (deleted, or expired while disconnected); recovering "
+                "what was routed since %.0f s ago",
+                self.queue_name,
+                time.time() - self._recover_from,
+            )
+        if self._recover_from is not None:
+            for recover in self.on_queue_lost:
+                await recover(connection, self._recover_from)
+            # Only once it worked: a failed recovery is tried again on the next connect
+            # (when the queue exists already).
+            self._recover_from = None
+        if self._caught_up_to is None:
+            self._caught_up_to = time.time()
         await raw.basic_qos(prefetch_count=self.settings.prefetch)
         self._ack_tag = 0
         self._consume_channel = raw
+        # RabbitMQ cancels the consumer if the queue goes away under it (deleted):
+        # reconnecting declares it again, instead of staying connected to nothing.
+        raw.on_consumer_cancel_callbacks.add(self._on_lost)
         await raw.basic_consume(self.queue_name, self._on_delivery, no_ack=False)
         self._publisher = publisher
         self._spawn(self._binding_worker(raw))
+        self.disconnected_since = None
         self.connected.set()
         metrics.BROKER_CONNECTED.set(1)
         log.info(
-            "broker connected: queue %s, %d bindings", self.queue_name, len(self.bindings.bound)
+            "broker connected to %s: queue %s, %d bindings",
+            redact_url(url),
+            self.queue_name,
+            len(self.bindings.bound),
         )
 
-    async def _declare_dead_letter_queue(self, connection: Any, channel: Any) -> None:
+    async def _declare_replica_queue(self, connection: Any) -> bool:
+        """Declare this replica's queue; True if it existed already.
+
+        One with other arguments is this replica's own from an older notifyd (a
+        classic queue) or from other settings (``queue_expires``): it is replaced,
+        as nothing else could be declared under its name.
+        """
+        existed = await queue_exists(connection, self.queue_name)
+        arguments = replica_queue_arguments(self.settings)
+        refused = await declare_queue(connection, self.queue_name, arguments)
+        if refused is not None:
+            log.warning(
+                "queue %s exists with other arguments (%s): deleting it and declaring it again",
+                self.queue_name,
+                refused,
+            )
+            channel = await connection.channel(publisher_confirms=False)
+            try:
+                await channel.queue_delete(self.queue_name)
+            finally:
+                await channel.close()
+            refused = await declare_queue(connection, self.queue_name, arguments)
+            if refused is not None:
+                raise RuntimeError(f"cannot declare queue {self.queue_name}: {refused}")
+        return existed
+
+    async def _declare_dead_letter_queue(self, connection: Any) -> None:
+        """Declare and bind ``notifyd.dead``; trouble with it never stops a (re)connect.
+
+        A classic one whose node is down refuses even a passive declare: dead letters
+        are then dropped by RabbitMQ until it is back, and the replica serves meanwhile.
+        """
         arguments = dead_letter_arguments(self.settings)
-        refused = await declare_queue(connection, DEAD_LETTER_QUEUE, arguments)
+        try:
+            refused = await asyncio.wait_for(
+                declare_queue(connection, DEAD_LETTER_QUEUE, arguments, DEAD_LETTER_EXCHANGE),
+                CONNECT_TIMEOUT,
+            )
+        except (aiormq.AMQPError, TimeoutError) as exc:
+            log.warning("queue %s unavailable (%s); carrying on without it", DEAD_LETTER_QUEUE, exc)
+            return
         if refused is not None and not self._dead_queue_warned:
             # Once per process: the queue stays as it is until the operator acts.
             self._dead_queue_warned = True
             log.warning(
-                "queue %s exists with other arguments (%s), e.g. unbounded from an older "
-                "notifyd: it is used as it is, without the configured bounds. To bound it, "
-                "delete it once every replica runs this version (rabbitmqctl delete_queue "
-                "%s; notifyd declares it again) or give it a policy, e.g. rabbitmqctl "
-                "set_policy notifyd-dead '^notifyd\\.dead$' '%s' --apply-to queues, and "
-                "set [amqp] dead_letter_max_length and dead_letter_max_bytes to 0",
+                "queue %s exists with other arguments (%s), e.g. from an older notifyd: it "
+                "is used as it is, without the configured bounds or queue type. To change "
+                "it, delete it once every replica runs this version (rabbitmqctl "
+                "delete_queue %s; notifyd declares it again) or give it a policy, e.g. "
+                "rabbitmqctl set_policy notifyd-dead '^notifyd\\.dead$' '%s' --apply-to "
+                "queues, and set [amqp] dead_letter_max_length and dead_letter_max_bytes to 0",
                 DEAD_LETTER_QUEUE,
                 refused,
                 DEAD_LETTER_QUEUE,
                 json.dumps(_as_policy(arguments)),
             )
-        queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
-        await queue.bind(DEAD_LETTER_EXCHANGE)
 
     def _on_lost(self, *_: Any) -> None:
         self._lost.set()
 
     async def _disconnect(self) -> None:
+        if self.disconnected_since is None:
+            self.disconnected_since = time.monotonic()
         self.connected.clear()
         metrics.BROKER_CONNECTED.set(0)
         self._publisher = None
@@ -329,9 +477,19 @@ class Broker:
         return self._closing
 
     async def close(self) -> None:
-        """Stop consuming and close; unacked deliveries go back to RabbitMQ."""
+        """Stop consuming, delete this replica's queue and close.
+
+        Called once every socket is gone, so nothing in the queue is for anyone here;
+        deleted rather than left to expire: RabbitMQ 3.10 crashes publishers' channels
+        when a quorum queue expires while still bound.
+        """
         self._closing = True
         self._lost.set()
+        connection = self.connection
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                channel = await connection.channel(publisher_confirms=False)
+                await asyncio.wait_for(channel.queue_delete(self.queue_name), 5)
         await self._disconnect()
 
     def _spawn(self, coro: Any) -> None:
@@ -347,8 +505,12 @@ class Broker:
             to_bind, to_unbind = self.bindings.pending()
             if not to_bind and not to_unbind:
                 return
-            for key in to_bind:
+            for index, key in enumerate(to_bind, 1):
                 await raw.queue_bind(self.queue_name, EXCHANGE, routing_key=key, nowait=True)
+                if index % _YIELD_EVERY == 0:
+                    # A nowait bind never suspends: without this a storm's batch
+                    # of thousands would hold the event loop for all of them.
+                    await asyncio.sleep(0)
             for key in to_unbind:
                 await raw.queue_unbind(self.queue_name, EXCHANGE, routing_key=key)
             # The channel processes methods in order: when this answers, every
@@ -405,19 +567,20 @@ class Broker:
                 published = published_time(sent_at, properties.headers)
                 self.on_control(decode_control(message.body, published or now))
             else:
-                self.on_notification(
-                    decode_notification(
-                        routing_key,
-                        message.body,
-                        message_id=properties.message_id,
-                        timestamp=sent_at,
-                        expiration=properties.expiration,
-                        headers=properties.headers,
-                        ids=self.ids,
-                        max_body_size=self.settings.max_body_size,
-                        now=now,
-                    )
+                notification = decode_notification(
+                    routing_key,
+                    message.body,
+                    message_id=properties.message_id,
+                    timestamp=sent_at,
+                    expiration=properties.expiration,
+                    headers=properties.headers,
+                    ids=self.ids,
+                    max_body_size=self.settings.max_body_size,
+                    now=now,
                 )
+                published = notification.published_at
+                self._caught_up_to = now if published is None else min(now, published)
+                self.on_notification(notification)
         except InvalidMessage as exc:
             self._dead_letter(message, exc.reason, str(exc))
         except Exception:
@@ -562,10 +725,6 @@ class Broker:
             headers={"notifyd-user": user, "notifyd-session": session, "notifyd-event": event},
         )
 
-    async def publish_to_queue(self, queue: str, body: bytes, headers: dict[str, Any]) -> None:
-        """Publish straight to a queue (the default exchange), with a confirm."""
-        await self._publish_raw("", queue, body, headers=headers, persistent=False)
-
     @property
     def connection(self) -> Any:
         """The live AMQP connection, or None while disconnected."""
@@ -617,7 +776,9 @@ def notification_body(data: Any, event: str | None, max_body_size: int) -> bytes
 
 def _as_policy(arguments: dict[str, Any]) -> dict[str, Any]:
     """Queue arguments as a policy's definition (``x-max-length`` -> ``max-length``)."""
-    return {key.removeprefix("x-"): value for key, value in arguments.items()}
+    return {
+        key.removeprefix("x-"): value for key, value in arguments.items() if key != "x-queue-type"
+    }
 
 
 def _reason(exc: BaseException) -> str:

@@ -30,6 +30,9 @@ def _serve(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides.setdefault(section, {})[key] = value
+    if args.amqp_url is not None:
+        # The flag names one broker: it replaces a cluster's node list too.
+        overrides["amqp"]["urls"] = []
     settings = _settings(args, overrides)
     require_token_keys(settings)
     from .app import ServeError, run
@@ -50,7 +53,7 @@ def _publish(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"notifyd publish: --data is not JSON: {exc}", file=sys.stderr)
         return 2
-    url = args.amqp_url or _settings(args).amqp.url
+    url = args.amqp_url or _settings(args).amqp.node_urls[0]
 
     async def main() -> str:
         async with Publisher(url) as publisher:
@@ -130,7 +133,7 @@ def _upstream(args: argparse.Namespace) -> int:
 
     from .broker import UPSTREAM_EXCHANGE
 
-    url = args.amqp_url or _settings(args).amqp.url
+    url = args.amqp_url or _settings(args).amqp.node_urls[0]
 
     async def main() -> None:
         connection = await aio_pika.connect(url)

@@ -50,6 +50,15 @@ class ServerSettings:
 @dataclass(frozen=True)
 class AmqpSettings:
     url: str = field(default="amqp://guest:guest@127.0.0.1:5672/", metadata=_URL_WITH_PASSWORD)
+    #: The nodes of a RabbitMQ cluster, tried in turn (a lost connection moves on to
+    #: the next one); when set, ``url`` is not used.
+    urls: tuple[str, ...] = field(default=(), metadata=_URL_WITH_PASSWORD)
+    #: "quorum" (replicated: survives the loss of a cluster node) or "classic", for
+    #: the replica queues and notifyd.dead.
+    queue_type: str = "quorum"
+    #: Seconds without a broker connection after which every socket is closed with
+    #: 1001, so that its client resumes on a replica that has one (0: never).
+    close_sockets_after: float = 0.0
     #: Unacknowledged deliveries the consumer may hold.
     prefetch: int = 2000
     #: Seconds the replica queue outlives a lost connection (x-expires).
@@ -65,6 +74,11 @@ class AmqpSettings:
     #: Bounds of the dead-letter queue notifyd.dead (oldest dropped first); 0: no bound.
     dead_letter_max_length: int = 100_000
     dead_letter_max_bytes: int = 104_857_600
+
+    @property
+    def node_urls(self) -> tuple[str, ...]:
+        """The URLs to connect to, in the order they are tried first."""
+        return self.urls or (self.url,)
 
 
 @dataclass(frozen=True)
@@ -197,7 +211,9 @@ def redacted(settings: Settings) -> dict[str, dict[str, Any]]:
     for section, keys in _REDACT.items():
         for key, kind in keys.items():
             value = raw[section][key]
-            if kind == "url":
+            if kind == "url" and isinstance(value, tuple):
+                raw[section][key] = tuple(redact_url(url) for url in value)
+            elif kind == "url":
                 raw[section][key] = redact_url(value)
             elif isinstance(value, tuple):
                 raw[section][key] = tuple(REDACTED for _ in value)
@@ -215,6 +231,8 @@ def _coerce(key: str, value: Any, hint: Any, source: str, redact: str | None = N
             got = "got a value not shown here (a credential)"
         elif redact == "url" and isinstance(value, str):
             got = f"got {redact_url(value)!r}"
+        elif redact == "url" and isinstance(value, list | tuple):
+            got = f"got {[redact_url(v) if isinstance(v, str) else v for v in value]!r}"
         else:
             got = f"got {value!r}"
         return ConfigError(f"{key}: expected {expected}, {got} (from {source})")
@@ -421,6 +439,16 @@ def validate(settings: Settings) -> None:
     _check(
         s.amqp.url.startswith(("amqp://", "amqps://")), "[amqp] url: must be amqp:// or amqps://"
     )
+    for url in s.amqp.urls:
+        _check(
+            url.startswith(("amqp://", "amqps://")),
+            f"[amqp] urls: {redact_url(url)!r} is not an amqp:// or amqps:// URL",
+        )
+    _check(
+        s.amqp.queue_type in {"quorum", "classic"},
+        "[amqp] queue_type: must be 'quorum' or 'classic'",
+    )
+    _check(s.amqp.close_sockets_after >= 0, "[amqp] close_sockets_after: must be >= 0")
     _check(s.amqp.prefetch >= 1, "[amqp] prefetch: must be at least 1")
     _check(s.amqp.queue_expires >= 1, "[amqp] queue_expires: must be at least 1 second")
     _check(

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol
 
@@ -57,6 +58,7 @@ from .session import (
     Replay,
     Session,
     SessionConfig,
+    State,
     Subscribe_,
     Unsubscribe_,
     Upstream,
@@ -72,6 +74,10 @@ MAX_REQUEST_HEAD: Final = 16_384
 #: the transport stops reading until the session reads on.
 READ_PAUSE_BYTES: Final = 1 << 18
 _NEVER: Final = math.inf
+#: Ended sockets cleaned up per event-loop pass (see :meth:`SocketServer.reap_later`).
+REAP_BATCH: Final = 200
+#: Upgrades handled per event-loop pass (see :meth:`SocketServer.admit`).
+ADMIT_BATCH: Final = 64
 
 
 class Upstream_(Protocol):
@@ -152,6 +158,7 @@ class Connection(Session):
         "_paused",
         "_pending_from",
         "_queued",
+        "_reaping",
         "_timer",
         "_timer_at",
         "server",
@@ -176,6 +183,8 @@ class Connection(Session):
         self._timer_at = _NEVER
         #: The client address while the socket counts as pending (not authenticated).
         self._pending_from: str | None = None
+        #: Waiting in the server's queue of ended sockets to be cleaned up.
+        self._reaping = False
 
     # --- asyncio.Protocol ------------------------------------------------------------
 
@@ -188,7 +197,10 @@ class Connection(Session):
             self.receive_data(data, now)
         except Exception:
             self._internal_error(now)
-        self.after(now)
+        if self.state is State.CLOSED:
+            self.server.reap_later(self)  # the client closed: clean up in a later pass
+        else:
+            self.after(now)
 
     def eof_received(self) -> bool:
         return False  # a half-closed peer is a gone peer: close our side too
@@ -199,8 +211,14 @@ class Connection(Session):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.after(time.time())
         self.server.connections.discard(self)
+        if self._actions is not None or self._pending_from is not None:
+            self.server.reap_later(self)
+
+    def reap(self) -> None:
+        """Clean up after the socket ended (leave the hub, close the transport)."""
+        self._reaping = False
+        self.after(time.time())
 
     def pause_writing(self) -> None:
         """The send buffer is bounded by :meth:`write`'s check, not by flow control."""
@@ -261,14 +279,22 @@ class Connection(Session):
             self._queued = True
             self.server.outbox.add(self)
         wake_at = self.wake_at
-        if wake_at != self._timer_at and self.transport is not None:
+        transport = self.transport
+        if (
+            transport is not None
+            and transport.is_closing()
+            and not transport.get_write_buffer_size()
+        ):
+            # Closed with nothing left to send: it is gone in a moment, and a
+            # deadline to cut it off would only be set to be cancelled.
+            wake_at = _NEVER
+        if wake_at != self._timer_at and transport is not None:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
             self._timer_at = wake_at
             if wake_at != _NEVER:
                 self._timer = self.server.loop.call_later(max(0.0, wake_at - now), self._wake)
-        transport = self.transport
         if transport is not None:
             if self.busy and self.parser.buffered > READ_PAUSE_BYTES:
                 if not self._paused:
@@ -477,6 +503,12 @@ class SocketServer:
         self.on_ack: Callable[[Connection, str], None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Upgrades let through in this pass of the event loop, and those waiting.
+        self._admitted = 0
+        self._admission: deque[asyncio.Future[None]] = deque()
+        self._gate_scheduled = False
+        #: Ended sockets still to be cleaned up, a batch per event-loop pass.
+        self._reaping: deque[Connection] = deque()
         #: Sockets upgraded and not yet authenticated, in total and by client address.
         self.pending = 0
         self._pending_by_address: dict[str, int] = {}
@@ -491,6 +523,11 @@ class SocketServer:
     # --- the upgrade ------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if self._admitted >= ADMIT_BATCH or self._admission:
+            await self.admit()
+        else:
+            self._admitted += 1
+            self._gate_soon()
         ws = self.settings.ws
         origin = request.headers.get("Origin")
         if ws.allowed_origins and origin not in ws.allowed_origins:
@@ -602,7 +639,61 @@ class SocketServer:
         else:
             connection.after(now)
 
-    # --- what connections ask for ------------------------------------------------------
+    # --- pacing: connect and disconnect storms ------------------------------------------
+
+    async def admit(self) -> None:
+        """Wait for a turn to be upgraded.
+
+        A reconnect wave brings thousands of upgrade requests at once; handled as
+        they come (the token check is most of it), they would all run in one pass
+        of the event loop and hold up every open socket's traffic for as long.
+        :data:`ADMIT_BATCH` per pass are let through; the rest wait their turn,
+        in order.
+        """
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._admission.append(waiter)
+        self._gate_soon()
+        await waiter
+
+    def _gate_soon(self) -> None:
+        if not self._gate_scheduled:
+            self._gate_scheduled = True
+            self.loop.call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        """A new pass of the event loop: let the next batch of upgrades through."""
+        self._gate_scheduled = False
+        self._admitted = 0
+        admission = self._admission
+        while admission and self._admitted < ADMIT_BATCH:
+            waiter = admission.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._admitted += 1
+        if self._admitted:
+            self._gate_soon()
+
+    def reap_later(self, connection: Connection) -> None:
+        """Queue an ended socket's clean-up.
+
+        When thousands of clients leave at once (a load balancer restart, a network
+        blip), cleaning each up where its close arrives would run them all in one
+        pass of the event loop and stall every other socket for as long. A batch
+        of :data:`REAP_BATCH` per pass lets other traffic through between batches.
+        """
+        if connection._reaping:
+            return
+        connection._reaping = True
+        self._reaping.append(connection)
+        if len(self._reaping) == 1:
+            self.loop.call_soon(self._reap)
+
+    def _reap(self) -> None:
+        reaping = self._reaping
+        for _ in range(min(REAP_BATCH, len(reaping))):
+            reaping.popleft().reap()
+        if reaping:
+            self.loop.call_soon(self._reap)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a connection's awaited request as a task this server owns."""
@@ -668,6 +759,8 @@ class SocketServer:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
+        for waiter in self._admission:
+            waiter.cancel()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

@@ -29,6 +29,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Collection, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import NoReturn
@@ -160,7 +161,11 @@ class RabbitNode:
     """
 
     def __init__(
-        self, base_dir: Path | None = None, amqp_port: int = 0, nodename: str | None = None
+        self,
+        base_dir: Path | None = None,
+        amqp_port: int = 0,
+        nodename: str | None = None,
+        cookie: str | None = None,
     ) -> None:
         if shutil.which(SERVER) is None:
             raise BrokerError(
@@ -173,6 +178,8 @@ class RabbitNode:
         self.amqp_port = amqp_port or free_port()
         self.dist_port = free_port(exclude={self.amqp_port})
         self.nodename = nodename or f"notifyd{self.amqp_port}@localhost"
+        #: The Erlang cookie: nodes that share one can form a cluster.
+        self.cookie = cookie or secrets.token_hex(16).upper()
         self._process: subprocess.Popen[bytes] | None = None
         self._log = self.base_dir / "node.log"
 
@@ -221,7 +228,7 @@ class RabbitNode:
             (base / sub).mkdir(parents=True, exist_ok=True)
         cookie = base / "home" / ".erlang.cookie"
         if not cookie.exists():
-            cookie.write_text(secrets.token_hex(16).upper())
+            cookie.write_text(self.cookie)
         cookie.chmod(0o400)
         (base / "enabled_plugins").write_text("[].\n")
         (base / "rabbitmq.conf").write_text(
@@ -405,6 +412,56 @@ class RabbitNode:
 
     def __enter__(self) -> RabbitNode:
         self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class RabbitCluster:
+    """``size`` private nodes joined into one cluster (for node-failure tests).
+
+    The nodes share an Erlang cookie; each is a :class:`RabbitNode`, so a member can
+    be killed and started again on its ports and data, and it rejoins by itself.
+    """
+
+    def __init__(self, size: int = 3) -> None:
+        cookie = secrets.token_hex(16).upper()
+        self.nodes = [RabbitNode(cookie=cookie) for _ in range(size)]
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return [node.amqp_url for node in self.nodes]
+
+    def start(self, timeout: float = 120.0) -> None:
+        """Start every node (together: each takes seconds), then join them to the first."""
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            for started in [pool.submit(node.start) for node in self.nodes]:
+                started.result(timeout)
+        first, *others = self.nodes
+        for node in others:
+            node.ctl("stop_app", timeout=timeout)
+            node.ctl("join_cluster", first.nodename, timeout=timeout)
+            node.ctl("start_app", timeout=timeout)
+
+    def node_named(self, nodename: str) -> RabbitNode:
+        return next(node for node in self.nodes if node.nodename == nodename)
+
+    def cleanup(self) -> None:
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            list(pool.map(lambda node: node.cleanup(), self.nodes))
+
+    def __enter__(self) -> RabbitCluster:
+        try:
+            self.start()
+        except BaseException:
+            self.cleanup()
+            raise
         return self
 
     def __exit__(

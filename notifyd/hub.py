@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
@@ -70,7 +71,9 @@ class Hub:
         self._all: set[Subscriber] = set()
         self._users: dict[str, set[Subscriber]] = {}
         self._topics: dict[str, set[Subscriber]] = {}
-        self._release_timers: dict[str, asyncio.TimerHandle] = {}
+        #: Keys to release and when (loop time), oldest first; one timer for all.
+        self._releases: OrderedDict[str, float] = OrderedDict()
+        self._release_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         #: Running total of sockets removed (for the collector policy).
         self.left = 0
@@ -154,28 +157,44 @@ class Hub:
                 self._release_later(f"topic.{topic}")
 
     def _want(self, key: str) -> None:
-        timer = self._release_timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()  # still bound: a reconnecting tab costs no binding churn
-        else:
+        if self._releases.pop(key, None) is None:
             self.bindings.want(key)
+        # else: still bound: a reconnecting tab costs no binding churn
 
     def _release_later(self, key: str) -> None:
+        """Release ``key`` ``linger`` seconds from now.
+
+        One timer for all keys, not one per key: ``linger`` is the same for every
+        key, so keys fall due in the order they were released, and thousands of
+        users leaving at once cost a dict entry each.
+        """
         if self.linger <= 0:
             self.bindings.release(key)
             return
         loop = asyncio.get_running_loop()
-        self._release_timers[key] = loop.call_later(self.linger, self._release, key)
+        self._releases[key] = loop.time() + self.linger
+        if self._release_timer is None:
+            self._release_timer = loop.call_later(self.linger, self._release_due)
 
-    def _release(self, key: str) -> None:
-        del self._release_timers[key]
-        self.bindings.release(key)
+    def _release_due(self) -> None:
+        self._release_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        releases = self._releases
+        while releases:
+            key, due = next(iter(releases.items()))
+            if due > now:
+                self._release_timer = loop.call_at(due, self._release_due)
+                return
+            releases.popitem(last=False)
+            self.bindings.release(key)
 
     def close(self) -> None:
         """Cancel pending releases (on shutdown the queue goes away anyway)."""
-        for timer in self._release_timers.values():
-            timer.cancel()
-        self._release_timers.clear()
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        self._releases.clear()
 
     # --- fan-out --------------------------------------------------------------------
 

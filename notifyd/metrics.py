@@ -84,3 +84,8 @@ CLIENT_ERRORS = Counter(
     "error messages sent to clients for messages they sent, by error code",
     ["code"],
 )
+HTTP_CONNECTIONS = Gauge(
+    "notifyd_http_connections",
+    "TCP connections aiohttp serves as HTTP: requests in progress, idle keep-alive, and"
+    " clients still sending their request (WebSockets leave it after the upgrade)",
+)

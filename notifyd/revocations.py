@@ -119,7 +119,9 @@ class RevocationLog:
             else:
                 read += 1
                 self._apply(message.body, properties, headers, revoked)
-            if tag % (_PREFETCH // 2) == 0 or done.done():
+            # Never once the marker is in: the channel is being closed, and an ack
+            # racing that close makes RabbitMQ close the whole connection (504).
+            if tag % (_PREFETCH // 2) == 0 and not done.done():
                 with contextlib.suppress(aiormq.AMQPError, ConnectionError):
                     await raw.basic_ack(tag, multiple=True)
 

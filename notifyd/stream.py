@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiormq
+
 from . import metrics
 from .config import HistorySettings
 from .protocol import (
@@ -46,6 +48,10 @@ BATCH_WINDOW = 0.02
 #: Read from this long before a generated id's timestamp (clock skew between replicas).
 SKEW_MARGIN = 5.0
 READ_TIMEOUT = 15.0
+#: Reads of one batch before its sockets are told ``resumed: false``, and the pause
+#: between them (a stream electing a new leader takes a few seconds).
+READ_ATTEMPTS = 2
+RETRY_PAUSE = 1.0
 
 
 @dataclass(eq=False)
@@ -130,21 +136,57 @@ class StreamHistory:
 
     async def _read(self, batch: list[_Request]) -> None:
         metrics.HISTORY_READS.inc()
-        marker = secrets.token_hex(8)
-        try:
-            await asyncio.wait_for(self._read_until_marker(batch, marker), READ_TIMEOUT)
-        except Exception as exc:
-            log.warning("history read for %d resuming sockets failed: %s", len(batch), exc)
-            for request in batch:
-                if not request.future.done():
-                    request.future.set_result(None)
+        for attempt in range(1, READ_ATTEMPTS + 1):
+            try:
+                if self.broker.connection is None:
+                    # Reconnecting (to another node, say): wait rather than answer
+                    # resumed: false to sockets that came here to resume.
+                    await asyncio.wait_for(self.broker.connected.wait(), READ_TIMEOUT)
+                connection = self.broker.connection
+                if connection is None:
+                    raise ConnectionError("not connected to RabbitMQ")
+                await asyncio.wait_for(
+                    self._read_until_marker(batch, secrets.token_hex(8), connection),
+                    READ_TIMEOUT,
+                )
+            except Exception as exc:
+                if attempt < READ_ATTEMPTS:
+                    # The stream member this read used went down (its consumer was
+                    # cancelled): another one answers once the stream has a leader.
+                    log.info("history read failed (%s); reading again", exc)
+                    await asyncio.sleep(RETRY_PAUSE)
+                    continue
+                log.warning("history read for %d resuming sockets failed: %s", len(batch), exc)
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_result(None)
+                return
+            log.info("history read served %d resuming sockets", len(batch))
             return
-        log.info("history read served %d resuming sockets", len(batch))
 
-    async def _read_until_marker(self, batch: list[_Request], marker: str) -> None:
-        connection = self.broker.connection
-        if connection is None:
-            raise ConnectionError("not connected to RabbitMQ")
+    async def read_gap(
+        self, connection: Any, since: float, channels: list[Channel]
+    ) -> list[Notification]:
+        """Everything on ``channels`` from about ``since`` (unix s) until now, oldest first.
+
+        For a replica whose queue was lost: what RabbitMQ routed meanwhile is only in
+        the stream. Starts :data:`SKEW_MARGIN` early, so it repeats some of what was
+        delivered already: the hub drops those by id.
+        """
+        metrics.HISTORY_READS.inc()
+        future: asyncio.Future[list[Notification] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        request = _Request(ResumePoint("", int(since * 1000)), frozenset(channels), future)
+        await asyncio.wait_for(
+            self._read_until_marker([request], secrets.token_hex(8), connection), READ_TIMEOUT
+        )
+        return request.missed
+
+    async def _read_until_marker(self, batch: list[_Request], marker: str, connection: Any) -> None:
+        for request in batch:  # from scratch: this may be a second attempt
+            request.missed.clear()
+            request.found = not request.since.id  # a gap read has no id to look for
         channel = await connection.channel()
         raw = await channel.get_underlay_channel()
         done = asyncio.get_running_loop().create_future()
@@ -200,6 +242,13 @@ class StreamHistory:
                 with contextlib.suppress(Exception):
                     await raw.basic_ack(tag, multiple=True)
 
+        def cancelled(_: Any) -> None:
+            # The stream member this consumer read from went down: fail now, not
+            # at READ_TIMEOUT.
+            if not done.done():
+                done.set_exception(ConnectionError("the stream consumer was cancelled"))
+
+        raw.on_consumer_cancel_callbacks.add(cancelled)
         try:
             await raw.basic_qos(prefetch_count=2000)
             await raw.basic_consume(
@@ -207,8 +256,15 @@ class StreamHistory:
                 on_message,
                 arguments={"x-stream-offset": self._start_offset(batch, now)},
             )
-            # Everything live so far is in the stream before this marker.
-            await self.broker.publish_to_queue(STREAM_QUEUE, b"{}", {MARKER_HEADER: marker})
+            # Everything live so far is in the stream before this marker. Sent on the
+            # reading channel: it needs no confirm (the read waits for the marker
+            # itself) and works before the broker reports itself connected.
+            await raw.basic_publish(
+                b"{}",
+                exchange="",
+                routing_key=STREAM_QUEUE,
+                properties=aiormq.spec.Basic.Properties(headers={MARKER_HEADER: marker}),
+            )
             await done
         finally:
             with contextlib.suppress(Exception):

@@ -16,13 +16,17 @@ import yaml
 from prometheus_client import REGISTRY
 
 import notifyd.metrics  # noqa: F401  (declares the metrics)
-from notifyd.config import from_mapping
+from notifyd.config import from_mapping, load
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 #: An overlay of K8S that adds what needs the Prometheus Operator's CRDs.
 K8S_OPERATOR = DEPLOY / "k8s-prometheus-operator"
+#: An overlay of K8S with a 3-node RabbitmqCluster (the RabbitMQ Cluster Operator's CRD).
+K8S_RABBITMQ = DEPLOY / "k8s-rabbitmq"
+#: The compose file's RabbitMQ cluster.
+RABBIT_NODES = ("rabbitmq-0", "rabbitmq-1", "rabbitmq-2")
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 #: Long and random enough for HS256: the manifests' own values are placeholders.
 SECRET = "9b1f0e6c2d8a4f7e3c5b1a0d9e8f7c6b"
@@ -87,17 +91,52 @@ def test_the_service_monitor_is_an_optional_overlay() -> None:
     assert monitor["spec"]["endpoints"][0]["port"] == service["spec"]["ports"][0]["name"]
 
 
-def test_kustomize_builds_both() -> None:
+def test_kustomize_builds_all_three() -> None:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl not installed (the YAML checks above still ran)")
-    for directory, monitor in ((K8S, False), (K8S_OPERATOR, True)):
+    for directory, extra in ((K8S, None), (K8S_OPERATOR, "ServiceMonitor"),
+                             (K8S_RABBITMQ, "RabbitmqCluster")):  # fmt: skip
         built = subprocess.run([kubectl, "kustomize", str(directory)],
                                capture_output=True, text=True, check=False)  # fmt: skip
         assert built.returncode == 0, built.stderr
-        kinds = {doc["kind"] for doc in yaml.safe_load_all(built.stdout)}
-        assert ("ServiceMonitor" in kinds) == monitor
-        assert {"Deployment", "Service", "Secret"} <= kinds
+        docs = list(yaml.safe_load_all(built.stdout))
+        kinds = {doc["kind"] for doc in docs}
+        assert kinds - {"Deployment", "Service", "Secret", "ConfigMap", "PodDisruptionBudget"} == (
+            {extra} if extra else set()
+        )
+        if extra == "RabbitmqCluster":
+            deployment = next(d for d in docs if d["kind"] == "Deployment")
+            env = [
+                e["name"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            ]
+            # $(VAR) in a value expands only variables defined before it.
+            assert env.index("RABBITMQ_PASSWORD") < env.index("NOTIFYD_AMQP_URLS"), env
+
+
+def test_the_rabbitmq_overlay_points_notifyd_at_every_node() -> None:
+    """Issue 14: a 3-node cluster, and notifyd connecting to each node by its name."""
+    kustomization = documents(K8S_RABBITMQ / "kustomization.yaml")[0]
+    assert "../k8s" in kustomization["resources"]
+    cluster = documents(K8S_RABBITMQ / "rabbitmqcluster.yaml")[0]
+    assert (cluster["apiVersion"], cluster["kind"]) == ("rabbitmq.com/v1beta1", "RabbitmqCluster")
+    assert cluster["spec"]["replicas"] == 3
+    name = cluster["metadata"]["name"]
+    # Not "notifyd": the operator names the cluster's client Service after it.
+    assert name != documents(K8S / "service.yaml")[0]["metadata"]["name"]
+    patch = documents(K8S_RABBITMQ / "deployment-amqp-urls.yaml")[0]
+    env = {e["name"]: e for e in patch["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["RABBITMQ_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == f"{name}-default-user"
+    values = {
+        "NOTIFYD_AMQP_URLS": env["NOTIFYD_AMQP_URLS"]["value"]
+        .replace("$(RABBITMQ_USERNAME)", "user").replace("$(RABBITMQ_PASSWORD)", "pw"),
+        "NOTIFYD_AMQP_CLOSE_SOCKETS_AFTER": env["NOTIFYD_AMQP_CLOSE_SOCKETS_AFTER"]["value"],
+    }  # fmt: skip
+    settings = load(environ={**values, "NOTIFYD_AUTH_SECRET": SECRET})
+    assert settings.amqp.node_urls == tuple(
+        f"amqp://user:pw@{name}-server-{n}.{name}-nodes:5672/" for n in range(3)
+    )
+    assert settings.amqp.queue_type == "quorum" and settings.amqp.close_sockets_after > 0
 
 
 def test_deployment_probes_drain_and_limits_match_notifyd() -> None:
@@ -124,27 +163,46 @@ def test_deployment_probes_drain_and_limits_match_notifyd() -> None:
     assert settings.history.backend == "stream"  # replicas resume from the shared stream
 
 
-def test_compose_runs_two_replicas_on_one_rabbitmq_with_prometheus_and_grafana() -> None:
+def test_compose_runs_two_replicas_on_a_rabbitmq_cluster_with_prometheus_and_grafana() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"rabbitmq", "notifyd-1", "notifyd-2", "prometheus", "grafana"} <= set(services)
+    assert {*RABBIT_NODES, "notifyd-1", "notifyd-2", "prometheus", "grafana"} <= set(services)
     for name in ("notifyd-1", "notifyd-2"):
         service = services[name]
         assert service["build"]["dockerfile"] == "deploy/Dockerfile"
         assert service["build"]["context"] == ".."  # where .dockerignore is
-        assert "rabbitmq:5672" in service["environment"]["NOTIFYD_AMQP_URL"]
-        assert service["environment"]["NOTIFYD_HISTORY_BACKEND"] == "stream"
+        environment = service["environment"]
+        settings = load(environ={k: v for k, v in environment.items() if "${" not in v})
+        # Every node of the cluster, by the name compose gives it (issue 14).
+        assert [u.split("@")[1] for u in settings.amqp.node_urls] == [
+            f"{node}:5672/" for node in RABBIT_NODES
+        ]
+        assert set(service["depends_on"]) == set(RABBIT_NODES)
+        assert settings.amqp.close_sockets_after > 0 and settings.amqp.queue_type == "quorum"
+        assert environment["NOTIFYD_HISTORY_BACKEND"] == "stream"
     ids = {
         services[n]["environment"]["NOTIFYD_AMQP_REPLICA_ID"] for n in ("notifyd-1", "notifyd-2")
     }
     assert len(ids) == 2
     plugins = (DEPLOY / "rabbitmq" / "enabled_plugins").read_text()
     assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
+    cluster_conf = (DEPLOY / "rabbitmq" / "cluster.conf").read_text()
+    for node in RABBIT_NODES:
+        assert f"rabbit@{node}" in cluster_conf
+        rabbit = services[node]
+        assert rabbit["hostname"] == node
+        assert any(
+            v.endswith(":/etc/rabbitmq/conf.d/20-cluster.conf:ro") for v in rabbit["volumes"]
+        )
+    # One Erlang cookie for the three: they could not cluster otherwise.
+    cookies = {services[n]["environment"]["RABBITMQ_ERLANG_COOKIE"] for n in RABBIT_NODES}
+    assert len(cookies) == 1
     scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
     targets = {
         t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]
     }
     assert {"notifyd-1:8080", "notifyd-2:8080"} <= targets
+    assert {f"{node}:15692" for node in RABBIT_NODES} <= targets
 
 
 def test_compose_keeps_amqp_the_demo_and_secrets_to_itself() -> None:
