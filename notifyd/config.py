@@ -127,8 +127,10 @@ class WsSettings:
     #: address; past either, upgrades are refused with 503 (0: no per-address cap).
     max_pending: int = 10_000
     max_pending_per_address: int = 100
-    #: Topics one socket may subscribe to (each may cost a RabbitMQ binding).
+    #: Topics one socket may subscribe to (each may cost a RabbitMQ binding), and one
+    #: user over all their sockets on a replica.
     max_topics: int = 100
+    max_topics_per_user: int = 200
 
 
 @dataclass(frozen=True)
@@ -436,6 +438,7 @@ def validate(settings: Settings) -> None:
     _check(s.ws.max_pending >= 1, "[ws] max_pending: must be at least 1")
     _check(s.ws.max_pending_per_address >= 0, "[ws] max_pending_per_address: must be >= 0")
     _check(s.ws.max_topics >= 0, "[ws] max_topics: must be >= 0")
+    _check(s.ws.max_topics_per_user >= 0, "[ws] max_topics_per_user: must be >= 0")
     _check(
         s.amqp.url.startswith(("amqp://", "amqps://")), "[amqp] url: must be amqp:// or amqps://"
     )

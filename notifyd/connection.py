@@ -350,6 +350,13 @@ class Connection(Session):
                 return False
             self.joined(now)
         elif isinstance(action, Subscribe_):
+            if action.answer and self._over_user_topics(action.topic):
+                self.failed(
+                    "too_many_topics",
+                    f"a user may read {server.settings.ws.max_topics_per_user} topics",
+                    now,
+                )
+                return True
             hub.subscribe(self, action.topic)
             if action.answer:
                 if not server.routing_ready([Channel("topic", action.topic)]):
@@ -368,6 +375,15 @@ class Connection(Session):
         else:
             return False  # Replay, Upstream: always awaited
         return True
+
+    def _over_user_topics(self, topic: str) -> bool:
+        """Whether a new ``topic`` would pass the user's cap over all their sockets.
+
+        Each topic the user reads may cost a binding on this replica's queue; a
+        socket's own cap alone would let a user multiply it by their sockets.
+        """
+        topics = self.server.hub.topics_of(self.user)
+        return topic not in topics and len(topics) >= self.server.settings.ws.max_topics_per_user
 
     def _feed_identity(self, identity: Identity | tuple[str, str], now: float) -> None:
         if isinstance(identity, tuple):

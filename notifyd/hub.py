@@ -101,6 +101,13 @@ class Hub:
     def sockets_of(self, user: str) -> list[Subscriber]:
         return list(self._users.get(user, ()))
 
+    def topics_of(self, user: str) -> set[str]:
+        """The topics any socket of ``user`` reads here: the bindings the user costs."""
+        topics: set[str] = set()
+        for subscriber in self._users.get(user, ()):
+            topics.update(subscriber.topics)
+        return topics
+
     def add(self, subscriber: Subscriber) -> None:
         self._all.add(subscriber)
         sockets = self._users.get(subscriber.user)

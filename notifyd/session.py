@@ -499,14 +499,16 @@ class Session:
         self._read(now)
 
     def failed(self, code: str, message: str, now: float, outcome: str = "broker_down") -> None:
-        """An upstream message was not published: the broker is down (``outcome``
-        "broker_down"), or it was refused ("refused"); ``code`` goes to the client."""
+        """A subscribe or upstream message did not go through; ``code`` goes to the
+        client. For a publish/send, ``outcome`` says why: the broker is down
+        ("broker_down"), or what would be published was refused ("refused")."""
         busy = self._busy
         if busy is None or self.state is not State.OPEN:
             return
         self._busy = None
-        kind = "publish" if isinstance(busy, Publish) else "send"
-        metrics.UPSTREAM_MESSAGES.labels(kind, outcome).inc()
+        if isinstance(busy, Publish | Send):
+            kind = "publish" if isinstance(busy, Publish) else "send"
+            metrics.UPSTREAM_MESSAGES.labels(kind, outcome).inc()
         self._error(code, message, busy.ref)
         self._read(now)
 

@@ -91,11 +91,17 @@ class Server:
     def __init__(self, test_server: TestServer, session: aiohttp.ClientSession) -> None:
         self.test_server = test_server
         self.http = session
-        self.app: web.Application = test_server.app  # type: ignore[assignment]
+        self.app: web.Application = test_server.app
 
     @property
     def gateway(self) -> Any:
         return self.app[GATEWAY]
+
+    @property
+    def port(self) -> int:
+        port = self.test_server.port
+        assert port is not None, "the server is not started"
+        return port
 
     @property
     def base(self) -> str:
@@ -111,9 +117,10 @@ class Server:
         headers = dict(kwargs.pop("headers", {}))
         if auth_token is not None:
             headers["Authorization"] = f"Bearer {auth_token}"
-        return await self.http.ws_connect(
+        ws: aiohttp.ClientWebSocketResponse = await self.http.ws_connect(
             self.ws_url, headers=headers, protocols=("notifyd.v1",), **kwargs
         )
+        return ws
 
     async def connect(
         self, user: str, since: str | None = None, since_ts: int | None = None, **claims: Any

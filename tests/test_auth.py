@@ -26,11 +26,13 @@ def b64(value: dict[str, Any]) -> str:
 
 
 def hs(claims: dict[str, Any], headers: dict[str, Any] | None = None, key: str = SECRET) -> str:
-    return jwt.encode({"sub": "alice", "exp": NOW + 60, **claims}, key, "HS256", headers=headers)
+    return str(
+        jwt.encode({"sub": "alice", "exp": NOW + 60, **claims}, key, "HS256", headers=headers)
+    )
 
 
 def public_pem(private: Any) -> str:
-    return (
+    return str(
         private.public_key()
         .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
         .decode()

@@ -6,6 +6,8 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -148,7 +150,9 @@ async def test_another_websocket_library_speaks_the_protocol(
     ],
     ids=["garbage", "wrong-secret", "expired", "wildcard-subject"],
 )
-async def test_bad_tokens_are_closed_with_their_code(server: Server, make_token, code: int) -> None:
+async def test_bad_tokens_are_closed_with_their_code(
+    server: Server, make_token: Callable[[str], str], code: int
+) -> None:
     user = new_user()
     ws = await server.ws(make_token(user))
     assert await expect_close(ws) == code
@@ -292,7 +296,7 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_lives(
     await amqp.send(f"user.{user}", {"data": "still alive"})
     assert (await receive_until(ws, "notification"))["data"] == "still alive"
 
-    reasons = {}
+    reasons: dict[str | None, Any] = {}
     deadline = time.monotonic() + 5
     while len(reasons) < 3 and time.monotonic() < deadline:
         message = await dead.get(no_ack=True, fail=False)

@@ -39,7 +39,7 @@ async def test_a_peer_that_never_answers_is_cut_off_and_others_stay(
         await alive.send(json.dumps({"type": "auth", "token": token(new_user())}))
         assert json.loads(await alive.recv())["type"] == "welcome"
         # Reads everything, answers nothing: a peer whose network went away.
-        reader, writer = await raw_upgrade(server.test_server.port, token(new_user()))
+        reader, writer = await raw_upgrade(server.port, token(new_user()))
         data = await asyncio.wait_for(_read_until_eof(reader), 5)
         assert b"101 Switching Protocols" in data and b'"type":"welcome"' in data
         assert b"\x89\x00" in data  # it was pinged before it was cut off

@@ -151,7 +151,7 @@ async def test_malformed_requests_never_log_a_token(
     repeats = 3
     for _ in range(repeats):
         for name, data in requests.items():
-            response = await send_raw(server.test_server.port, data)  # type: ignore[arg-type]
+            response = await send_raw(server.port, data)
             assert response.startswith(b"HTTP/1.") and b" 400 " in response[:20], (name, response)
     # A client offering its token as a subprotocol: a valid request that aiohttp logs.
     with contextlib.suppress(aiohttp.ClientError):
@@ -338,7 +338,7 @@ def test_time_claims_out_of_range_are_refused(payload: str) -> None:
     assert refused.value.reason == "malformed"
 
 
-HOSTILE_HEADERS = {
+HOSTILE_HEADERS: dict[str, dict[str, Any] | str] = {
     "kid not a string": {"alg": "RS256", "kid": 5},
     "kid NaN": '{"alg":"RS256","kid":NaN}',
     "unknown crit": {"alg": "RS256", "kid": "k", "crit": ["x-evil"], "x-evil": 1},
@@ -446,8 +446,9 @@ async def dead_ids(url: str) -> list[str]:
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
     queue = await channel.declare_queue("notifyd.dead", passive=True)
-    ids = []
+    ids: list[str] = []
     while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        assert message.message_id is not None
         ids.append(message.message_id)
     await connection.close()
     return ids

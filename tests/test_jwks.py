@@ -76,7 +76,7 @@ async def test_jwks_keys_rotation_and_refetch_cooldown(
         auth={"algorithms": ["RS256"], "secret": "", "jwks_url": url, "jwks_cooldown": 1.0,
               "audience": "notifyd", "issuer": "https://idp.example"},
     )  # fmt: skip
-    claims = {"aud": "notifyd", "iss": "https://idp.example"}
+    claims: dict[str, Any] = {"aud": "notifyd", "iss": "https://idp.example"}
     user = new_user()
 
     ws = await server.ws(provider.token("k1", user, **claims))

@@ -107,22 +107,20 @@ async def normal_close(server: Server) -> None:
 
 
 async def client_drop(server: Server) -> None:
-    client = await RawClient.open(
-        server.test_server.port, f"Authorization: Bearer {token(new_user())}\r\n"
-    )
+    client = await RawClient.open(server.port, f"Authorization: Bearer {token(new_user())}\r\n")
     assert await client.status() == 101
     await client.reader.readuntil(b'"welcome"')
     client.drop()
 
 
 async def never_authenticated(server: Server) -> None:
-    client = await RawClient.open(server.test_server.port)
+    client = await RawClient.open(server.port)
     assert await client.status() == 101
     client.drop()
 
 
 async def upgrade_refused(server: Server) -> None:
-    client = await RawClient.open(server.test_server.port, version=8)
+    client = await RawClient.open(server.port, version=8)
     assert await client.status() == 426
     client.drop()
 
@@ -173,7 +171,7 @@ async def token_expired(server: Server) -> None:
 async def slow_consumer(server: Server) -> None:
     user = new_user()
     client = await RawClient.open(
-        server.test_server.port,
+        server.port,
         f"Authorization: Bearer {token(user)}\r\n",
         receive_buffer=4096,
     )
@@ -192,9 +190,7 @@ async def slow_consumer(server: Server) -> None:
 
 
 async def heartbeat_cut_off(server: Server) -> None:
-    client = await RawClient.open(
-        server.test_server.port, f"Authorization: Bearer {token(new_user())}\r\n"
-    )
+    client = await RawClient.open(server.port, f"Authorization: Bearer {token(new_user())}\r\n")
     assert await client.status() == 101
     await client.until_closed()  # reads the pings, never answers them
 

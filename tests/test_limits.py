@@ -46,7 +46,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
 
 async def test_a_request_head_over_16_kib_gets_431(make_server: ServerFactory) -> None:
     server = await make_server()
-    reader, writer = await open_from(server.test_server.port)
+    reader, writer = await open_from(server.port)
     padding = "".join(f"X-Pad-{i}: {'p' * 4000}\r\n" for i in range(5))
     writer.write(f"{UPGRADE}{padding}\r\n".encode())
     assert await status_of(reader) == 431
@@ -57,7 +57,7 @@ async def test_connections_that_never_finish_their_request_are_cut_off(
     make_server: ServerFactory,
 ) -> None:
     server = await make_server(server={"handshake_timeout": 0.5})
-    port = server.test_server.port
+    port = server.port
     silent_reader, silent = await open_from(port)
     dribble_reader, dribbler = await open_from(port)
     dribbler.write(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
@@ -85,7 +85,7 @@ async def test_unauthenticated_sockets_are_capped_per_address_and_in_total(
     server = await make_server(
         ws={"max_pending_per_address": 3, "max_pending": 5}, auth={"auth_timeout": 30}
     )
-    port = server.test_server.port
+    port = server.port
     sockets = server.gateway.sockets
     refused_before = metrics.CONNECTION_ATTEMPTS.labels("pending_limit")._value.get()
     idle = []
@@ -150,3 +150,26 @@ async def test_topics_per_socket_are_capped(make_server: ServerFactory) -> None:
     assert (await receive_json(ws))["type"] == "unsubscribed"
     await ws.send_json({"type": "subscribe", "channel": "topic:room.d"})
     assert (await receive_json(ws))["type"] == "subscribed"
+
+
+async def test_topics_per_user_are_capped_over_all_their_sockets(
+    make_server: ServerFactory,
+) -> None:
+    server = await make_server(ws={"max_topics": 3, "max_topics_per_user": 4, "heartbeat": 0})
+    user = new_user()
+    first, _ = await server.connect(user, topics=["room.*"])
+    second, _ = await server.connect(user, topics=["room.*"])
+    for ws, names in ((first, "abc"), (second, "a")):
+        for name in names:
+            await ws.send_json({"type": "subscribe", "channel": f"topic:room.{name}"})
+            assert (await receive_json(ws))["type"] == "subscribed"
+    # room.a is shared: the user reads 3 topics. One more is allowed, then none.
+    await second.send_json({"type": "subscribe", "channel": "topic:room.d"})
+    assert (await receive_json(second))["type"] == "subscribed"
+    await second.send_json({"type": "subscribe", "channel": "topic:room.e", "ref": "x"})
+    answer = await receive_json(second)
+    assert (answer["type"], answer["code"], answer["ref"]) == ("error", "too_many_topics", "x")
+    assert "room.e" not in server.gateway.hub.topics_of(user)
+    # A topic the user already reads costs nothing more.
+    await second.send_json({"type": "subscribe", "channel": "topic:room.b"})
+    assert (await receive_json(second))["type"] == "subscribed"

@@ -34,14 +34,14 @@ async def test_a_burst_leaves_in_one_write_per_socket_in_order(
     users = [new_user(), new_user()]
     readers, writers = [], []  # the writers are kept: a collected one closes its socket
     for user in users:
-        reader, writer = await raw_upgrade(server.test_server.port, token(user))
+        reader, writer = await raw_upgrade(server.port, token(user))
         await reader.readuntil(b"\r\n\r\n")
         head = await reader.readexactly(2)
         assert head[0] == 0x81 and head[1] < 126, head
         assert b'"welcome"' in await reader.readexactly(head[1])
         readers.append(reader)
         writers.append(writer)
-    connections: list[Connection] = [hub.sockets_of(user)[0] for user in users]  # type: ignore[misc]
+    connections: list[Connection] = [hub.sockets_of(user)[0] for user in users]
     counters = []
     for connection in connections:
         counter = CountingTransport(connection.transport)

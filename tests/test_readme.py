@@ -152,7 +152,7 @@ async def consumers(amqp_url: str, queue: str) -> int:
             declared = await channel.declare_queue(queue, passive=True)
         except aio_pika.exceptions.ChannelClosed:
             return 0
-        return int(declared.declaration_result.consumer_count)
+        return int(declared.declaration_result.consumer_count or 0)
 
 
 async def test_the_upstream_consumer_example(

@@ -124,7 +124,7 @@ async def test_a_client_that_never_reads_is_cut_off_and_others_are_unaffected(
     user = new_user()
     slow_before = metrics.SLOW_CONSUMER_DISCONNECTS._value.get()
     # A raw socket that completes the upgrade and then never reads.
-    reader, writer = await raw_upgrade(server.test_server.port, token(user))
+    reader, writer = await raw_upgrade(server.port, token(user))
     healthy, _ = await server.connect(user)
     chunk = {"data": "x" * 60_000}
     published = 0
@@ -248,7 +248,7 @@ async def test_resume_after_reconnect_gets_the_gap_in_order_without_duplicates(
     ws, welcome = await server.connect(user, since=last["id"])
     assert welcome["resumed"] is True
     await amqp.send(f"user.{user}", {"data": 6}, message_id=f"{user}-6")
-    got = []
+    got: list[dict[str, Any]] = []
     while len(got) < 7:
         message = await receive_until(ws, "notification")
         if message["id"].startswith(user):
@@ -306,9 +306,7 @@ async def test_a_stalled_client_that_reads_again_sees_4009(
     server = await make_server(ws={"send_buffer_bytes": 64 * 1024, "heartbeat": 0})
     user = new_user()
     # Little kernel buffering, so the server's own buffer fills quickly.
-    reader, writer = await raw_upgrade(
-        server.test_server.port, token(user), receive_buffer=16 * 1024
-    )
+    reader, writer = await raw_upgrade(server.port, token(user), receive_buffer=16 * 1024)
     await reader.readuntil(b"\r\n\r\n")
     before = len(server.gateway.hub)
     overflows = metrics.SLOW_CONSUMER_DISCONNECTS._value.get()

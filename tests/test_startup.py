@@ -86,7 +86,7 @@ async def test_reconnect_logs_one_line_per_attempt_with_the_pause_taken(
 ) -> None:
     # Full jitter picks uniform(min, ceiling); three quarters of the way makes it visible.
     monkeypatch.setattr(
-        notifyd.broker.random, "uniform", lambda low, high: low + (high - low) * 0.75
+        "notifyd.broker.random.uniform", lambda low, high: low + (high - low) * 0.75
     )
     port = free_port()  # nothing listens there
     await make_server(
