@@ -174,28 +174,26 @@ class Gateway:
         nothing, so they are closed with 1001 and their clients resume on a replica
         that has a connection. New sockets are refused (503) until it is back."""
         limit = self.settings.amqp.close_sockets_after
-        refusing = False
         while True:
             await asyncio.sleep(OUTAGE_POLL)
             since = self.broker.disconnected_since
-            cut_off = since is not None and time.monotonic() - since >= limit
-            if cut_off and not refusing and not self.draining:
-                refusing = True
-                self.sockets.draining = True
-                connections = list(self.sockets.connections)
-                log.warning(
-                    "no broker connection for %.1fs: closing %d sockets with 1001 (their "
-                    "clients resume elsewhere) and refusing new ones until it is back",
-                    limit,
-                    len(connections),
-                )
-                for connection in connections:
-                    connection.close_soon(CloseCode.GOING_AWAY, "no broker connection")
-            elif refusing and not cut_off:
-                refusing = False
-                if not self.draining:
-                    self.sockets.draining = False
-                log.info("broker connection back: accepting sockets again")
+            if since is None or time.monotonic() - since < limit or self.draining:
+                continue
+            self.sockets.draining = True
+            connections = list(self.sockets.connections)
+            log.warning(
+                "no broker connection for %.1fs: closing %d sockets with 1001 (their "
+                "clients resume elsewhere) and refusing new ones until it is back",
+                limit,
+                len(connections),
+            )
+            for connection in connections:
+                connection.close_soon(CloseCode.GOING_AWAY, "no broker connection")
+            # Woken as the broker reports itself connected, before anyone sees it ready.
+            await self.broker.connected.wait()
+            if not self.draining:
+                self.sockets.draining = False
+            log.info("broker connection back: accepting sockets again")
 
     async def _replay_memory(
         self, since: ResumePoint, channels: list[Channel], before_seq: int | None

@@ -519,7 +519,10 @@ def run(data_dir: str | None, port: int, command: Sequence[str] = ()) -> int:
                 print("notifyd dev-broker: RabbitMQ exited:\n" + node.log_tail(), file=sys.stderr)
                 return 1
             time.sleep(0.2)
-        return _end(child)
+        code = _end(child)
+        # Ctrl-C reaches the command too: if it was still exiting when our SIGTERM
+        # came, it died of it. Asked to stop, that is a clean stop, not an error.
+        return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
     except BrokerError as exc:
         print(f"notifyd dev-broker: {exc}", file=sys.stderr)
         return 1
