@@ -245,23 +245,47 @@ async def amqp(amqp_url: str) -> AsyncIterator[AmqpPublisher]:
 
 
 async def raw_upgrade(
-    port: int, auth_token: str, receive_buffer: int | None = None
+    port: int,
+    auth_token: str | None,
+    receive_buffer: int | None = None,
+    headers: str = "",
+    version: int = 13,
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A hand-made WebSocket upgrade on a plain socket that reads only when told to."""
+    """A hand-made WebSocket upgrade on a plain socket that reads only when told to.
+
+    ``headers``: more header lines, each ending in CRLF; ``auth_token`` None sends
+    no Authorization header.
+    """
     sock = socket.socket()
     if receive_buffer is not None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock)
+    if auth_token is not None:
+        headers = f"Authorization: Bearer {auth_token}\r\n{headers}"
     writer.write(
         (
             "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {auth_token}\r\n\r\n"
+            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
+            f"{headers}\r\n"
         ).encode()
     )
     await writer.drain()
     return reader, writer
+
+
+async def collect_ids(ws: aiohttp.ClientWebSocketResponse, count: int, timeout: float) -> list[str]:
+    """The ids of the next ``count`` notifications (fewer if ``timeout`` passes first)."""
+    received: list[str] = []
+    deadline = time.monotonic() + timeout
+    while len(received) < count and time.monotonic() < deadline:
+        try:
+            message = await receive_json(ws, timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            break
+        if message["type"] == "notification":
+            received.append(message["id"])
+    return received
 
 
 def free_port() -> int:

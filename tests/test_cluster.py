@@ -30,9 +30,9 @@ from .conftest import (
     AmqpPublisher,
     Server,
     ServerFactory,
+    collect_ids,
     expect_close,
     new_user,
-    receive_json,
     receive_until,
 )
 
@@ -144,23 +144,10 @@ async def test_a_lost_replica_queue_is_recovered_from_the_stream(
         )
         await asyncio.sleep(0.03)
     await deleter
-    received = await _collect(ws, len(ids), timeout=30)
+    received = await collect_ids(ws, len(ids), timeout=30)
     assert received == ids  # every one, once, in order
     await server.wait_ready()
     assert await _metric(server, "notifyd_broker_reconnects_total") > reconnects
-
-
-async def _collect(ws: aiohttp.ClientWebSocketResponse, count: int, timeout: float) -> list[str]:
-    received: list[str] = []
-    deadline = time.monotonic() + timeout
-    while len(received) < count and time.monotonic() < deadline:
-        try:
-            message = await receive_json(ws, timeout=max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            break
-        if message["type"] == "notification":
-            received.append(message["id"])
-    return received
 
 
 async def test_sockets_are_sent_elsewhere_when_the_broker_stays_away(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
-import socket
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,7 +24,15 @@ from aiohttp.web_request import BaseRequest
 from notifyd.connection import Connection
 from notifyd.protocol import Channel, Notification, text_frame
 
-from .conftest import Server, ServerFactory, expect_close, new_user, receive_json, token
+from .conftest import (
+    Server,
+    ServerFactory,
+    expect_close,
+    new_user,
+    raw_upgrade,
+    receive_json,
+    token,
+)
 
 REPEAT = 8
 #: Where a socket's own code runs (frames of other modules are not a socket's).
@@ -65,18 +72,7 @@ class RawClient:
         version: int = 13,
         receive_buffer: int | None = None,
     ) -> RawClient:
-        sock = socket.socket()
-        if receive_buffer is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
-        sock.connect(("127.0.0.1", port))
-        reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(
-            (
-                "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
-                f"{headers}\r\n"
-            ).encode()
-        )
+        reader, writer = await raw_upgrade(port, None, receive_buffer, headers, version)
         return cls(reader, writer)
 
     async def status(self) -> int:

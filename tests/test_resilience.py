@@ -20,6 +20,7 @@ from notifyd.devbroker import RabbitNode
 from .conftest import (
     ServerFactory,
     ServerProcess,
+    collect_ids,
     expect_close,
     free_port,
     new_user,
@@ -68,19 +69,6 @@ async def _publish_reliably(url: str, routing_key: str, ids: list[str]) -> None:
         await connection.close()
 
 
-async def _collect(ws: aiohttp.ClientWebSocketResponse, count: int, timeout: float) -> list[str]:
-    received: list[str] = []
-    deadline = time.monotonic() + timeout
-    while len(received) < count and time.monotonic() < deadline:
-        try:
-            message = await receive_json(ws, timeout=max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            break
-        if message["type"] == "notification":
-            received.append(message["id"])
-    return received
-
-
 async def test_broker_down_at_start_serves_not_ready_then_recovers(
     make_server: ServerFactory,
 ) -> None:
@@ -123,7 +111,7 @@ async def test_broker_restart_mid_traffic_delivers_each_exactly_once(
         await asyncio.sleep(0.05)
     await asyncio.to_thread(rabbit.restart)
     await publisher
-    received = await _collect(ws, len(ids), timeout=60)
+    received = await collect_ids(ws, len(ids), timeout=60)
     assert len(received) == len(set(received)), "duplicates delivered"
     assert set(received) == set(ids), f"{len(set(ids) - set(received))} lost"
     assert not ws.closed, "the socket must survive the broker restart"
@@ -149,7 +137,7 @@ async def test_replica_link_cut_for_3s_loses_nothing(
     publisher = asyncio.create_task(_publish_slowly(rabbit.amqp_url, f"user.{user}", ids))
     await cutter
     await publisher
-    received = await _collect(ws, len(ids), timeout=30)
+    received = await collect_ids(ws, len(ids), timeout=30)
     # Timed from the gateway itself: rabbitmqctl returns well after the cut happened.
     assert await asyncio.wait_for(outage, 30) >= 2.5
     assert received == ids  # all of them, once, in publish order
