@@ -310,10 +310,6 @@ class Session:
         """When :meth:`wake` is next due (wall clock; inf: never)."""
         return min(self.close_at, self._refresh_at, self._skip_until)
 
-    @property
-    def open(self) -> bool:
-        return self.state is State.OPEN
-
     # --- events: bytes, ticks, deadlines ----------------------------------------------
 
     def receive_data(self, data: bytes, now: float) -> None:

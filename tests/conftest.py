@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -235,13 +236,22 @@ class AmqpPublisher:
         await self.exchange.publish(aio_pika.Message(payload, **properties), routing_key)
 
 
-@pytest.fixture
-async def amqp(amqp_url: str) -> AsyncIterator[AmqpPublisher]:
-    connection = await aio_pika.connect(amqp_url)
+@contextlib.asynccontextmanager
+async def amqp_publisher(url: str) -> AsyncIterator[AmqpPublisher]:
+    """An :class:`AmqpPublisher` with confirms on the ``notifyd`` exchange at ``url``."""
+    connection = await aio_pika.connect(url)
     channel = await connection.channel(publisher_confirms=True)
     exchange = await channel.declare_exchange("notifyd", aio_pika.ExchangeType.TOPIC, durable=True)
-    yield AmqpPublisher(connection, channel, exchange)
-    await connection.close()
+    try:
+        yield AmqpPublisher(connection, channel, exchange)
+    finally:
+        await connection.close()
+
+
+@pytest.fixture
+async def amqp(amqp_url: str) -> AsyncIterator[AmqpPublisher]:
+    async with amqp_publisher(amqp_url) as publisher:
+        yield publisher
 
 
 async def raw_upgrade(

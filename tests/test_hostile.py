@@ -47,6 +47,7 @@ from .conftest import (
     Server,
     ServerFactory,
     ServerProcess,
+    amqp_publisher,
     expect_close,
     new_user,
     receive_json,
@@ -456,11 +457,8 @@ async def dead_ids(url: str) -> list[str]:
 
 @pytest.fixture
 async def vhost_amqp(vhost: str) -> AsyncIterator[AmqpPublisher]:
-    connection = await aio_pika.connect(vhost)
-    channel = await connection.channel(publisher_confirms=True)
-    exchange = await channel.declare_exchange("notifyd", aio_pika.ExchangeType.TOPIC, durable=True)
-    yield AmqpPublisher(connection, channel, exchange)
-    await connection.close()
+    async with amqp_publisher(vhost) as publisher:
+        yield publisher
 
 
 async def poison(
