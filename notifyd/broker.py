@@ -287,6 +287,7 @@ class Broker:
         self._ack_tag = 0
         self._ack_scheduled = False
         self._consume_channel: Any = None
+        self._consumer_tag: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dead_logged: dict[str, float] = {}
         self._dead_queue_warned = False
@@ -385,7 +386,8 @@ class Broker:
         # RabbitMQ cancels the consumer if the queue goes away under it (deleted):
         # reconnecting declares it again, instead of staying connected to nothing.
         raw.on_consumer_cancel_callbacks.add(self._on_lost)
-        await raw.basic_consume(self.queue_name, self._on_delivery, no_ack=False)
+        consume_ok = await raw.basic_consume(self.queue_name, self._on_delivery, no_ack=False)
+        self._consumer_tag = consume_ok.consumer_tag
         self._publisher = publisher
         self._spawn(self._binding_worker(raw))
         self.disconnected_since = None
@@ -487,6 +489,13 @@ class Broker:
         self._lost.set()
         connection = self.connection
         if connection is not None:
+            # Our own cancel first: deleting the queue under the consumer would have
+            # RabbitMQ cancel it, which reads as a failure in the log.
+            if self._consume_channel is not None and self._consumer_tag is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._consume_channel.basic_cancel(self._consumer_tag), 5
+                    )
             with contextlib.suppress(Exception):
                 channel = await connection.channel(publisher_confirms=False)
                 await asyncio.wait_for(channel.queue_delete(self.queue_name), 5)
