@@ -31,7 +31,7 @@ from .auth import TokenVerifier, mint_token
 from .broker import Broker
 from .config import Settings
 from .connection import SocketServer
-from .errors import BrokerUnavailable, NotifydError
+from .errors import BrokerUnavailable, ProtocolError, ServeError
 from .heartbeat import Heartbeat
 from .history import MemoryHistory, RecentIds
 from .hub import Hub
@@ -42,7 +42,6 @@ from .protocol import (
     ControlCommand,
     Disconnect,
     Notification,
-    ProtocolError,
     ResumePoint,
     Revoke,
     channel_for_routing_key,
@@ -448,11 +447,6 @@ LISTEN_BACKLOG = 4096
 
 
 # --- running a process ---------------------------------------------------------------
-
-
-class ServeError(NotifydError):
-    """Serving failed in a way the operator must fix (a port taken, a worker that died);
-    the message says why in one line."""
 
 
 def _address(host: str, port: int) -> str:

@@ -21,26 +21,10 @@ import aiohttp
 import jwt
 
 from .config import AuthSettings
+from .errors import AuthError
 from .protocol import valid_name
 
 log = logging.getLogger(__name__)
-
-
-class AuthError(Exception):
-    """A token was refused; ``reason`` is the metric label, the message is for the log.
-
-    The message is logged and sent as a close reason: it is made of fixed text,
-    never of the token's own header or claims, and any control character that
-    slips in anyway is escaped so that no token can forge a log line.
-    """
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(_printable(message))
-        self.reason = reason
-
-
-def _printable(text: str) -> str:
-    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from pamqp.commands import Basic
 
 from . import metrics
 from .config import AmqpSettings, redact_url
-from .errors import BrokerUnavailable
+from .errors import BrokerUnavailable, InvalidMessage, ProtocolError
 from .protocol import (
     CONTROL_ROUTING_KEY,
     FROM_HEADER,
@@ -40,10 +40,8 @@ from .protocol import (
     Channel,
     ControlCommand,
     IdGenerator,
-    InvalidMessage,
     JSONEncodeError,
     Notification,
-    ProtocolError,
     decode_control,
     decode_notification,
     dumps,

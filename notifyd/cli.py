@@ -10,7 +10,8 @@ import sys
 from typing import Any
 
 from . import __version__
-from .config import ConfigError, Settings, hs_secret_problem, load, require_token_keys
+from .config import Settings, hs_secret_problem, load, require_token_keys
+from .errors import ConfigError
 
 
 def _settings(
@@ -35,7 +36,8 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["amqp"]["urls"] = []
     settings = _settings(args, overrides)
     require_token_keys(settings)
-    from .app import ServeError, run
+    from .app import run
+    from .errors import ServeError
 
     try:
         run(settings)

@@ -16,16 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+
 ENV_PREFIX = "NOTIFYD_"
 #: What ``check-config`` and error messages show instead of a credential.
 REDACTED = "***"
 #: Field metadata: the whole value is a credential, or a URL whose password is one.
 _CREDENTIAL: Mapping[str, str] = {"redact": "value"}
 _URL_WITH_PASSWORD: Mapping[str, str] = {"redact": "url"}
-
-
-class ConfigError(ValueError):
-    """A setting is missing, unknown or has a bad value; the message names the key."""
 
 
 @dataclass(frozen=True)

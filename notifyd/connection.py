@@ -33,16 +33,15 @@ from typing import Any, Final, Protocol
 from aiohttp import web
 
 from . import metrics
-from .auth import AuthError, Identity, TokenVerifier
+from .auth import Identity, TokenVerifier
 from .config import Settings
-from .errors import BrokerUnavailable
+from .errors import AuthError, BrokerUnavailable, HandshakeError, ProtocolError
 from .hub import Hub
 from .protocol import (
     SUBPROTOCOL,
     Channel,
     CloseCode,
     Notification,
-    ProtocolError,
     Publish,
     ResumePoint,
     resume_point,
@@ -64,7 +63,7 @@ from .session import (
     Upstream,
     Verify,
 )
-from .websocket import HandshakeError, handshake
+from .websocket import handshake
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,8 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import NoReturn
 
+from .errors import BrokerError
+
 log = logging.getLogger(__name__)
 
 SERVER = "rabbitmq-server"
@@ -57,10 +59,6 @@ def _command(name: str) -> str:
     if os.geteuid() != 0 and real.exists():
         return str(real)
     return name
-
-
-class BrokerError(RuntimeError):
-    """The node could not be started, stopped or reached."""
 
 
 class _PortTaken(BrokerError):

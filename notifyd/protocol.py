@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeGuard
 
+from .errors import InvalidMessage, ProtocolError
+
 try:  # orjson is an optional speed-up; the stdlib gives the same bytes for our payloads.
     import orjson
 
@@ -58,16 +60,6 @@ class CloseCode(enum.IntEnum):
     SLOW_CONSUMER = 4009  # bounded send buffer overflowed
     TOKEN_EXPIRED = 4010
     RATE_LIMITED = 4029
-
-
-class ProtocolError(Exception):
-    """A client message that is answered with an ``error`` (or closes the socket)."""
-
-    def __init__(self, code: str, message: str, ref: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.ref = ref
 
 
 # --- identifiers and channels ------------------------------------------------------
@@ -470,14 +462,6 @@ FROM_HEADER: Final = "notifyd-from"
 #: Header asking for a delivery receipt on ``notifyd.receipts``.
 RECEIPT_HEADER: Final = "notifyd-receipt"
 CONTROL_ROUTING_KEY: Final = "control"
-
-
-class InvalidMessage(Exception):
-    """An AMQP message notifyd cannot deliver; ``reason`` is the metric label."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(slots=True)

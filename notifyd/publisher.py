@@ -15,6 +15,7 @@ import aio_pika
 from pamqp.commands import Basic
 
 from .broker import EXCHANGE, declare_topology
+from .errors import PublishError
 from .protocol import (
     BROADCAST,
     PUBLISHED_AT_HEADER,
@@ -25,10 +26,6 @@ from .protocol import (
     valid_event,
     valid_name,
 )
-
-
-class PublishError(Exception):
-    """RabbitMQ did not confirm the message."""
 
 
 def target_channel(

@@ -26,13 +26,8 @@ import aiormq
 
 from .auth import TokenVerifier
 from .broker import EXCHANGE, declare_queue
-from .protocol import (
-    CONTROL_ROUTING_KEY,
-    InvalidMessage,
-    Revoke,
-    decode_control,
-    published_time,
-)
+from .errors import InvalidMessage
+from .protocol import CONTROL_ROUTING_KEY, Revoke, decode_control, published_time
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from . import metrics
 from .auth import Identity
+from .errors import ProtocolError, WebSocketError
 from .protocol import (
     Ack,
     Auth,
@@ -39,7 +40,6 @@ from .protocol import (
     CloseCode,
     Notification,
     Ping,
-    ProtocolError,
     Publish,
     Refresh,
     Resume,
@@ -59,7 +59,6 @@ from .websocket import (
     OP_TEXT,
     PING_FRAME,
     FrameParser,
-    WebSocketError,
     close_frame,
     parse_close,
     pong_frame,

@@ -26,10 +26,10 @@ import aiormq
 
 from . import metrics
 from .config import HistorySettings
+from .errors import InvalidMessage
 from .protocol import (
     Channel,
     IdGenerator,
-    InvalidMessage,
     Notification,
     ResumePoint,
     channel_for_routing_key,

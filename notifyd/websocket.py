@@ -22,6 +22,8 @@ import struct
 from collections.abc import Mapping
 from typing import Final
 
+from .errors import HandshakeError, WebSocketError
+
 OP_CONTINUATION: Final = 0x0
 OP_TEXT: Final = 0x1
 OP_BINARY: Final = 0x2
@@ -36,16 +38,6 @@ INVALID_DATA: Final = 1007
 MESSAGE_TOO_BIG: Final = 1009
 
 _GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-
-
-class HandshakeError(Exception):
-    """An upgrade request that is answered with an HTTP error instead of ``101``."""
-
-    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = dict(headers or {})
 
 
 def _tokens(value: str) -> list[str]:
@@ -140,15 +132,6 @@ def close_frame(code: int | None, reason: str = "") -> bytes:
 
 
 # --- client -> server --------------------------------------------------------------
-
-
-class WebSocketError(Exception):
-    """The client broke the protocol; the connection ends with ``code``."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 def valid_close_code(code: int) -> bool:

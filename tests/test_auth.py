@@ -13,8 +13,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from notifyd.auth import AuthError, Grants, TokenVerifier, decode_identity, mint_token
+from notifyd.auth import Grants, TokenVerifier, decode_identity, mint_token
 from notifyd.config import AuthSettings
+from notifyd.errors import AuthError
 
 NOW = 1_700_000_000.0
 SECRET = "unit-test-secret-" * 4  # long enough for HS512

@@ -23,8 +23,9 @@ import aio_pika
 import aiohttp
 import pytest
 
-from notifyd.config import ConfigError, from_mapping, load, redacted
+from notifyd.config import from_mapping, load, redacted
 from notifyd.devbroker import RabbitCluster, RabbitNode
+from notifyd.errors import ConfigError
 
 from .conftest import (
     AmqpPublisher,

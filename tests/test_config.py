@@ -8,14 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from notifyd.config import (
-    ConfigError,
-    Settings,
-    load,
-    redacted,
-    require_token_keys,
-    to_dict,
-)
+from notifyd.config import Settings, load, redacted, require_token_keys, to_dict
+from notifyd.errors import ConfigError
 
 STRONG = "4f9c2e8a1b7d6053e9a4c1f2b8d7e6a5"  # 32 bytes: enough for HS256
 BASE_ENV = {"NOTIFYD_AUTH_SECRET": STRONG}

@@ -12,7 +12,8 @@ import pika
 import pytest
 
 from notifyd import devbroker
-from notifyd.devbroker import BrokerError, RabbitNode
+from notifyd.devbroker import RabbitNode
+from notifyd.errors import BrokerError
 
 #: Where Erlang wrote its crash dump before: the node's working directory.
 OLD_CRASH_DUMPS = (Path("/var/lib/rabbitmq/erl_crash.dump"), Path("erl_crash.dump"))

@@ -28,16 +28,11 @@ import aiormq
 import pytest
 from prometheus_client import REGISTRY
 
-from notifyd.auth import AuthError, TokenVerifier, decode_identity
+from notifyd.auth import TokenVerifier, decode_identity
 from notifyd.config import AuthSettings
 from notifyd.devbroker import RabbitNode
-from notifyd.protocol import (
-    IdGenerator,
-    InvalidMessage,
-    ProtocolError,
-    decode_notification,
-    parse_client_message,
-)
+from notifyd.errors import AuthError, InvalidMessage, ProtocolError
+from notifyd.protocol import IdGenerator, decode_notification, parse_client_message
 from notifyd.publisher import Publisher
 
 from .conftest import (

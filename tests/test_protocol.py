@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from notifyd.errors import InvalidMessage, ProtocolError
 from notifyd.protocol import (
     BROADCAST,
     Ack,
@@ -15,9 +16,7 @@ from notifyd.protocol import (
     Channel,
     Disconnect,
     IdGenerator,
-    InvalidMessage,
     Ping,
-    ProtocolError,
     Publish,
     Refresh,
     Resume,

@@ -15,8 +15,9 @@ import aiohttp
 import pytest
 
 from notifyd import auth
-from notifyd.auth import AuthError, TokenVerifier, mint_token
+from notifyd.auth import TokenVerifier, mint_token
 from notifyd.config import AuthSettings
+from notifyd.errors import AuthError
 
 from .conftest import (
     SECRET,

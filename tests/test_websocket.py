@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from multidict import CIMultiDict
 
+from notifyd.errors import HandshakeError, WebSocketError
 from notifyd.websocket import (
     INVALID_DATA,
     MAX_CLOSE_REASON,
@@ -24,8 +25,6 @@ from notifyd.websocket import (
     PING_FRAME,
     PROTOCOL_ERROR,
     FrameParser,
-    HandshakeError,
-    WebSocketError,
     accept_key,
     binary_frame,
     close_frame,
