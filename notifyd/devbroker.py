@@ -151,7 +151,22 @@ def _amqp_greeting(port: int, timeout: float = 2.0) -> bytes:
         return data
 
 
-class RabbitNode:
+class _CleanedUpOnExit:
+    """``with`` support for the node classes: leaving the block calls ``cleanup()``."""
+
+    def cleanup(self) -> None:
+        raise NotImplementedError
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.cleanup()
+
+
+class RabbitNode(_CleanedUpOnExit):
     """One RabbitMQ node in ``base_dir``; stop/restart keep its data and ports.
 
     Ports and a node name not given are picked here, and picked again when the node
@@ -412,16 +427,8 @@ class RabbitNode:
         self.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
-
-class RabbitCluster:
+class RabbitCluster(_CleanedUpOnExit):
     """``size`` private nodes joined into one cluster (for node-failure tests).
 
     The nodes share an Erlang cookie; each is a :class:`RabbitNode`, so a member can
@@ -461,14 +468,6 @@ class RabbitCluster:
             self.cleanup()
             raise
         return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.cleanup()
 
 
 def run(data_dir: str | None, port: int, command: Sequence[str] = ()) -> int:
