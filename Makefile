@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := rabbitmq-server
-TEST_APT_PACKAGES := rabbitmq-server chromium prometheus
+TEST_APT_PACKAGES := rabbitmq-server chromium prometheus postgresql
 # `make run`: a private RabbitMQ node on DEV_AMQP_PORT, notifyd on DEV_PORT, both on
 # 127.0.0.1. Its keys are published here and in the README (whose snippets use them):
 # for this local demo only, never anywhere else.
@@ -23,8 +23,8 @@ help:
 	@echo "make test   - ruff, mypy and the whole test suite (real RabbitMQ, headless Chromium)"
 	@echo "make bench  - benchmarks against baselines (see benchmarks/README.md)"
 
-# Debian packages, installed only when missing. policy-rc.d keeps the package from
-# starting a system RabbitMQ: notifyd's tests and `make run` start private nodes.
+# Debian packages, installed only when missing. policy-rc.d keeps the packages from
+# starting a system RabbitMQ or PostgreSQL: the tests and `make run` start private ones.
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -45,6 +45,7 @@ from benchmarks.loadgen import LoadGenerator  # noqa: E402
 from notifyd.auth import mint_token  # noqa: E402
 from notifyd.broker import EXCHANGE  # noqa: E402
 from notifyd.devbroker import RabbitNode, free_port  # noqa: E402
+from notifyd.metrics import GC_TRACKED_MAX_AGE  # noqa: E402
 
 SECRET = "benchmark-secret-benchmark-secret-123456"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -58,6 +59,10 @@ SHARED = {"fanout", "latency", "upstream", "storms"}
 IDLE_SERVERS = ("notifyd", "naive", "socketio")
 #: The servers the churn scenario runs against.
 CHURN_SERVERS = ("notifyd", "naive")
+#: The churn's floor (``--only`` only, the churn only): a bare asyncio protocol that
+#: answers the upgrade and pings and nothing else, on uvloop, on the stdlib loop, and
+#: on uvloop verifying each upgrade's token (benchmarks/baselines/bare_server.py).
+FLOOR_SERVERS = ["bare", "bare-asyncio", "bare-jwt"]
 #: notifyd settings for the churn: the pinger's socket sends 10 messages/s, well under
 #: the rate limit, but a stall of the server's loop bunches them, and the default
 #: burst (40) would close the measuring socket with 4029 after a 4 s stall.
@@ -146,9 +151,15 @@ def fds_fit(sockets: int) -> bool:
 
 
 def server_command(
-    kind: str, port: int, amqp_url: str, settings: Mapping[str, str] | None = None
+    kind: str,
+    port: int,
+    amqp_url: str,
+    settings: Mapping[str, str] | None = None,
+    stallwatch: str | None = None,
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment of a server; ``settings``: notifyd's only."""
+    """The command line and environment of a server; ``settings``: notifyd's only.
+
+    With ``stallwatch`` (a file), notifyd runs under benchmarks/stallwatch.py."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if kind.startswith("notifyd"):
         env.update(
@@ -163,10 +174,18 @@ def server_command(
                 **(settings or {}),
             }
         )
-        return [sys.executable, "-m", "notifyd", "--log-level", "WARNING", "serve"], env
+        module = "notifyd"
+        if stallwatch:
+            env["STALLWATCH_OUT"] = stallwatch
+            module = "benchmarks.stallwatch"
+        return [sys.executable, "-m", module, "--log-level", "WARNING", "serve"], env
     common = ["--port", str(port), "--amqp-url", amqp_url, "--secret", SECRET]
     if kind == "socketio":
         return [sys.executable, "-m", "benchmarks.baselines.socketio_server", *common], env
+    if kind in FLOOR_SERVERS:
+        options = {"bare": [], "bare-asyncio": ["--loop", "asyncio"], "bare-jwt": ["--jwt"]}
+        module = "benchmarks.baselines.bare_server"
+        return [sys.executable, "-m", module, *common, *options[kind]], env
     module = "benchmarks.baselines.aiohttp_server"
     return [sys.executable, "-m", module, "--mode", kind, *common], env
 
@@ -179,12 +198,18 @@ def _probe_path(kind: str) -> str:
 
 @contextmanager
 def running(
-    kind: str, amqp_url: str, settings: Mapping[str, str] | None = None
+    kind: str,
+    amqp_url: str,
+    settings: Mapping[str, str] | None = None,
+    nice: int = 0,
+    stallwatch: str | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    command, env = server_command(kind, port, amqp_url, settings)
+    command, env = server_command(kind, port, amqp_url, settings, stallwatch)
     # A file, not a pipe: a pipe nobody reads would block a chatty server.
     with tempfile.TemporaryFile() as log:
+        if nice:
+            command = ["nice", "-n", str(nice), *command]  # nice execs: the pid is the server's
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
         try:
             _wait_until_serving(kind, process, port, log)
@@ -417,7 +442,11 @@ class Bench:
 
     def run(self) -> dict[str, Any]:
         wanted = self.scenarios
-        if self.kind == "notifyd-stream":
+        if self.kind in FLOOR_SERVERS:
+            if "churn" in wanted:
+                with self.serving():
+                    self.churn()
+        elif self.kind == "notifyd-stream":
             if "resume" in wanted:
                 with self.serving():
                     self.resume_storm()
@@ -444,7 +473,8 @@ class Bench:
     @contextmanager
     def serving(self, settings: Mapping[str, str] | None = None) -> Iterator[None]:
         """A fresh server process, and a load generator for it."""
-        with running(self.kind, self.amqp_url, settings) as (process, port):
+        nice, watch = self.config["nice"], self.config["stallwatch"]
+        with running(self.kind, self.amqp_url, settings, nice, watch) as (process, port):
             self.pid, self.port = process.pid, port
             self.load = LoadGenerator(port, workers=2, socketio=self.kind == "socketio")
             try:
@@ -488,13 +518,19 @@ class Bench:
         for level in levels:
             step = self.load.connect(tokens[opened:level])
             opened = level
+            open_at = time.monotonic()
             if step["failures"]:
                 self.log(f"{step['failures']} connects failed")
             time.sleep(1.0)
             per_socket = (rss_kib(self.pid) - base_rss) / level
             self.result["rss_kib_per_socket"][str(level)] = per_socket
             text = f"{level} sockets open, {per_socket:.1f} KiB/socket"
-            objects = tracked_objects(self.port)
+            objects = None
+            if base_objects is not None:
+                # notifyd counts them at most once per GC_TRACKED_MAX_AGE: a value read
+                # that long after the level is open was counted with all of it open.
+                time.sleep(max(0.0, open_at + GC_TRACKED_MAX_AGE + 0.5 - time.monotonic()))
+                objects = tracked_objects(self.port)
             if objects is not None and base_objects is not None:
                 per_socket = (objects - base_objects) / level
                 self.result["gc_objects_per_socket"][str(level)] = per_socket
@@ -649,6 +685,9 @@ class Bench:
         self.log(f"churn: {total} sockets open in {opened['seconds']:.1f}s")
         self._until_quiet()
         pinger = LoadGenerator(self.port, workers=1)
+        if config["nice"]:
+            for process in pinger.processes:
+                os.setpriority(os.PRIO_PROCESS, process.pid or 0, config["nice"])
         try:
             if pinger.connect(tokens_for("ping", 1))["failures"]:
                 raise RuntimeError(f"{self.kind}: the pinging socket did not connect")
@@ -665,9 +704,15 @@ class Bench:
         for wave in waves:
             # The pings sent while the wave and what it left the server to do went on.
             start, end = wave.pop("started"), wave.pop("ended")
-            during = [rtt for sent, rtt in pings["samples"] if start <= sent < end]
+            during = [(rtt, sent) for sent, rtt in pings["samples"] if start <= sent < end]
             wave["pings"] = len(during)
-            wave["rtt_max_ms"] = max(during, default=float("nan")) * 1000
+            worst = max(during, default=(float("nan"), start))
+            wave["rtt_max_ms"] = worst[0] * 1000
+            # When the worst ping was sent, seconds after the drop; and how many pings
+            # took over 50 ms and over 5 ms (the targets' worst and p99).
+            wave["rtt_max_at_s"] = worst[1] - start
+            wave["over_50ms"] = sum(rtt > 0.05 for rtt, _ in during)
+            wave["over_5ms"] = sum(rtt > 0.005 for rtt, _ in during)
             wave["from_s"], wave["to_s"] = start - pinged_from, end - pinged_from
         rtts = [rtt for _, rtt in pings["samples"]]
         result = self.result["churn"] = {
@@ -698,7 +743,12 @@ class Bench:
             f"churn: {result['pongs']} of {result['pings']} pongs, RTT p50 "
             f"{result['rtt_p50_ms']:.2f} p99 {result['rtt_p99_ms']:.2f} "
             f"max {result['rtt_max_ms']:.1f} ms; RSS after each wave "
-            f"{result['rss_kib_after']} KiB; full collections: {full}"
+            f"{result['rss_kib_after']} KiB; full collections: {full}; each wave's worst "
+            + ", ".join(
+                f"{w['rtt_max_ms']:.1f} ms at +{w['rtt_max_at_s']:.2f} s "
+                f"({w['over_50ms']} over 50 ms, {w['over_5ms']} over 5 ms)"
+                for w in waves
+            )
         )
 
     def _wave(self, number: int, size: int) -> dict[str, Any]:
@@ -888,14 +938,16 @@ def tables(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results: dict[str, dict[str, Any]], meta: dict[str, Any], readme: bool) -> None:
+def write_outputs(
+    results: dict[str, dict[str, Any]], meta: dict[str, Any], readme: bool, table: str = ""
+) -> None:
     """The run's JSON; with ``readme`` (a run of every scenario) the README table and plot."""
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     payload = json.dumps({"meta": meta, "results": results}, indent=2)
     (RESULTS / f"run-{stamp}.json").write_text(payload)
     print(f"results/run-{stamp}.json written")
-    table = tables(results)
+    table = table or tables(results)
     print(table)
     if not readme:
         return
@@ -941,7 +993,11 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="small counts (about 3 minutes)")
     parser.add_argument(
-        "--only", nargs="*", choices=ALL_SERVERS, default=ALL_SERVERS, help="these servers"
+        "--only",
+        nargs="*",
+        choices=ALL_SERVERS + FLOOR_SERVERS,
+        default=ALL_SERVERS,
+        help="these servers (the churn floor's bare servers only when named)",
     )
     parser.add_argument(
         "--scenarios",
@@ -950,16 +1006,37 @@ def main() -> int:
         default=SCENARIOS,
         help="these scenarios (a subset leaves the README table and the plot alone)",
     )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="run the server and the churn's pinger at this niceness (e.g. -15, as root): "
+        "on a machine shared with other work, their stalls are then the server's own",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the servers in turn this many times"
+    )
+    parser.add_argument(
+        "--stallwatch",
+        metavar="FILE",
+        help="run notifyd under benchmarks/stallwatch.py, its loop stalls appended to FILE",
+    )
     args = parser.parse_args()
-    config = QUICK if args.quick else FULL
+    # --nice: niceness of the server and the churn's pinger (negative needs root).
+    config = {**(QUICK if args.quick else FULL), "nice": args.nice, "stallwatch": None}
+    if args.stallwatch:
+        config["stallwatch"] = str(Path(args.stallwatch).resolve())
     scenarios = set(args.scenarios)
     lift_fd_limit()  # the servers and the load generator inherit it
     started = time.monotonic()
     results: dict[str, dict[str, Any]] = {}
     with RabbitNode() as node:
-        for kind in args.only:
-            print(f"== {kind}", flush=True)
-            results[kind] = Bench(kind, node.amqp_url, config, scenarios).run()
+        for repeat in range(args.repeat):
+            for kind in args.only:
+                # Interleaved: each repeat runs every server once, in turn.
+                name = kind if repeat == 0 else f"{kind}#{repeat + 1}"
+                print(f"== {name}", flush=True)
+                results[name] = Bench(kind, node.amqp_url, config, scenarios).run()
     meta = {
         "mode": "quick" if args.quick else "full",
         "scenarios": [name for name in SCENARIOS if name in scenarios],
@@ -967,7 +1044,9 @@ def main() -> int:
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
     }
     if "notifyd" in results:
-        write_outputs(results, meta, readme=scenarios == set(SCENARIOS))
+        write_outputs(results, meta, readme=scenarios == set(SCENARIOS) and args.repeat == 1)
+    elif any("churn" in result for result in results.values()):
+        write_outputs(results, meta, readme=False, table="\n".join(churn_table(results)))
     else:
         print(json.dumps(results, indent=2))
     print(f"done in {meta['seconds']:.0f}s")

@@ -2,9 +2,16 @@
 
 :class:`Gateway` creates and closes everything a replica owns: the token
 verifier, the hub, the broker connection and its supervisor task, the history,
-the WebSocket endpoint. :func:`serve` runs one process until SIGTERM/SIGINT and
-shuts it down in order: not ready at once, sockets closed with 1001 spread over
-``drain_seconds``, broker closed (unacked deliveries return to RabbitMQ), exit.
+the WebSocket endpoint, the heartbeat and outage tasks. :func:`serve` runs one
+process until SIGTERM/SIGINT and shuts it down in order: not ready at once,
+sockets closed with 1001 spread over ``drain_seconds``, listener closed, broker
+closed (unacked deliveries return to RabbitMQ), exit.
+
+Both are one ordered list of steps (uvicorn's start-up and shutdown are the
+model): each step that acquires something pushes its undoing onto an exit
+stack, so whatever started is undone in reverse order on every path (a clean
+stop, a failure midway through start-up, a port that is taken), and every task
+started is cancelled and awaited (:func:`notifyd.lifecycle.cancel_and_wait`).
 """
 
 from __future__ import annotations
@@ -17,39 +24,43 @@ import multiprocessing
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from . import gcpolicy, metrics, redact
+from . import gcpolicy, redact
+from .admin import AdminApi
+from .amqp import ControlCommand, Disconnect, Revoke
 from .auth import TokenVerifier, mint_token
 from .broker import Broker
+from .closes import CloseReason
+from .cluster import ClusterLink
 from .config import Settings
 from .connection import SocketServer
 from .errors import BrokerUnavailable, ProtocolError, ServeError
 from .heartbeat import Heartbeat
 from .history import MemoryHistory, RecentIds
 from .hub import Hub
+from .lifecycle import cancel_and_wait
+from .metrics import Metrics, process_registry
+from .offline import OfflineHook
 from .protocol import (
     MAX_ID_LENGTH,
     Channel,
-    CloseCode,
-    ControlCommand,
-    Disconnect,
     Notification,
     ResumePoint,
-    Revoke,
     channel_for_routing_key,
     loads,
     parse_channel,
     valid_event,
     valid_name,
 )
+from .push_api import add_push_routes
 from .revocations import RevocationLog
 
 log = logging.getLogger(__name__)
@@ -62,8 +73,13 @@ OUTAGE_POLL = 0.2
 class Gateway:
     """Everything one replica owns, created in :meth:`start` and closed in :meth:`stop`."""
 
-    def __init__(self, settings: Settings, replica_id: str | None = None) -> None:
+    def __init__(
+        self, settings: Settings, replica_id: str | None = None, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
+        #: Every metric of this replica, on a registry of its own (served on /metrics),
+        #: handed to everything that counts.
+        self.metrics = metrics if metrics is not None else Metrics(process_registry())
         self.verifier = TokenVerifier(settings.auth)
         self.revocations = RevocationLog(
             self.verifier, settings.auth.revocation_max_age, self._close_revoked
@@ -75,20 +91,45 @@ class Gateway:
                 history_settings.max_per_user, history_settings.max_age, history_settings.max_total
             )
         self.broker = Broker(
-            settings.amqp, self._on_notification, self._on_control, replica_id=replica_id
+            settings.amqp,
+            self._on_notification,
+            self._on_control,
+            replica_id=replica_id,
+            metrics=self.metrics,
         )
-        # With in-memory history a user's key stays bound for the retention window:
-        # what is published while they are away must reach this process's history.
-        linger = settings.ws.binding_grace
-        if self.history is not None:
-            linger = max(linger, history_settings.max_age)
+        # A user's key stays bound on notifyd.route (the user is online, for the offline
+        # hook) for binding_grace after their last socket left. With in-memory history it
+        # then stays bound on notifyd itself for the rest of the retention window: what
+        # is published while they are away reaches this process's history, and
+        # notifyd.offline too.
         self.hub = Hub(
             self.broker.bindings,
-            linger=linger,
+            linger=settings.ws.binding_grace,
             history=self.history,
             dedupe=RecentIds(settings.amqp.dedupe_window) if settings.amqp.dedupe_window else None,
             on_delivered=self._on_delivered,
+            retain=history_settings.max_age if self.history is not None else 0.0,
+            retained=self.broker.history_bindings,
+            metrics=self.metrics,
         )
+        #: Sends what no replica holds to notifyd.offline (one replica at a time).
+        self.offline = OfflineHook(
+            settings.amqp, self.broker.replica_id, self.broker.ids, self.metrics
+        )
+        # Cluster-wide presence, stats, admin commands and the per-user limit.
+        self.cluster = ClusterLink(
+            self.broker.replica_id,
+            self.hub,
+            beacon_interval=settings.cluster.beacon_interval,
+            query_timeout=settings.cluster.query_timeout,
+            grace=settings.ws.binding_grace,
+            max_connections_per_user=settings.ws.max_connections_per_user,
+            queue_type=settings.amqp.queue_type,
+            presence_log_max_age=settings.cluster.presence_log_max_age,
+            ids=self.broker.ids,
+            metrics=self.metrics,
+        )
+        self.hub.on_change = self.cluster.socket_changed
         self.sockets = SocketServer(
             settings,
             self.hub,
@@ -96,17 +137,20 @@ class Gateway:
             self.broker,
             replay=self._replay_memory if self.history is not None else None,
             routing=self.broker,
+            metrics=self.metrics,
         )
+        self.sockets.presence = self.cluster
         self.stream: Any = None
         if history_settings.backend == "stream":
             from .stream import StreamHistory
 
-            self.stream = StreamHistory(settings.history, self.broker)
+            self.stream = StreamHistory(settings.history, self.broker, self.metrics)
             self.sockets.replay = self.stream.replay
         self.draining = False
+        self._drained = False
         self._broker_task: asyncio.Task[None] | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
-        self._outage_task: asyncio.Task[None] | None = None
+        #: What :meth:`stop` undoes, in reverse order (None: not started).
+        self._stack: contextlib.AsyncExitStack | None = None
 
     # --- routing callbacks ------------------------------------------------------------
 
@@ -143,7 +187,7 @@ class Gateway:
         for subscriber in self.sockets.sessions():
             identity = subscriber.identity
             if identity is not None and identity.token_id in token_ids:
-                subscriber.close_soon(CloseCode.UNAUTHORIZED, "token revoked")
+                subscriber.close_soon(CloseReason.TOKEN_REVOKED)
                 closed += 1
         return closed
 
@@ -187,7 +231,7 @@ class Gateway:
                 len(connections),
             )
             for connection in connections:
-                connection.close_soon(CloseCode.GOING_AWAY, "no broker connection")
+                connection.close_soon(CloseReason.BROKER_OUTAGE)
             # Woken as the broker reports itself connected, before anyone sees it ready.
             await self.broker.connected.wait()
             if not self.draining:
@@ -208,18 +252,58 @@ class Gateway:
         return self.broker.connected.is_set() and not self.draining
 
     async def start(self) -> None:
-        self.broker.on_connected.append(self.revocations.on_connected)
-        if self.stream is not None:
-            self.broker.on_connected.append(self.stream.on_connected)
-        self.broker.on_queue_lost.append(self._recover_queue_gap)
+        """Start the replica's parts in order; :meth:`stop` undoes them in reverse.
+
+        1. the token verifier (undone: a JWKS fetch under way cancelled and awaited)
+        2. the shared history's reader (``[history] backend = "stream"``)
+        3. the broker connection's supervisor task (undone: consumer cancelled,
+           queue deleted, connection closed, task awaited), with the offline hook
+           started on each connect (undone first: its consumer of notifyd.unrouted
+           cancelled, what it had not sent on left to another replica)
+        4. the hub (undone: pending binding releases dropped)
+        5. the WebSocket endpoint (undone: sockets still open dropped, their
+           tasks cancelled and awaited; nothing is spawned after that)
+        6. the outage watcher (``[amqp] close_sockets_after``)
+        7. the heartbeat
+        8. the drain, undone first: readiness fails, sockets are closed with 1001
+
+        When a step fails, the ones before it are undone before the error is raised.
+        """
         loop = asyncio.get_running_loop()
-        self._broker_task = loop.create_task(self.broker.run())
-        if self.settings.amqp.close_sockets_after:
-            self._outage_task = loop.create_task(self._close_sockets_in_outage())
-        if self.settings.ws.heartbeat:
-            heartbeat = Heartbeat(self.settings.ws.heartbeat, self.sockets.sessions)
-            self._heartbeat_task = loop.create_task(heartbeat.run())
-        metrics.DRAINING.set(0)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.push_async_callback(self.verifier.close)
+            self.broker.on_connected.append(self.revocations.on_connected)
+            if self.stream is not None:
+                self.broker.on_connected.append(self.stream.on_connected)
+                stack.push_async_callback(self.stream.close)
+            self.broker.on_queue_lost.append(self._recover_queue_gap)
+            self.broker.on_connected.append(self.offline.on_connected)
+            self._broker_task = loop.create_task(self.broker.run(), name="notifyd-broker")
+            stack.push_async_callback(self._close_broker)
+            # Stops consuming notifyd.unrouted before the broker closes (what it had not
+            # sent yet goes to another replica).
+            stack.push_async_callback(self.offline.close)
+            self.broker.on_connected.append(self.cluster.on_connected)
+            self.cluster.start()
+            stack.push_async_callback(self.cluster.close)  # says goodbye before the broker
+            stack.callback(self.hub.close)
+            stack.push_async_callback(self.sockets.close)
+            if self.settings.amqp.close_sockets_after:
+                outage = loop.create_task(self._close_sockets_in_outage(), name="notifyd-outage")
+                stack.push_async_callback(cancel_and_wait, outage)
+            if self.settings.ws.heartbeat:
+                heartbeat = Heartbeat(self.settings.ws.heartbeat, self.sockets.sessions)
+                beating = loop.create_task(heartbeat.run(), name="notifyd-heartbeat")
+                stack.push_async_callback(cancel_and_wait, beating)
+            stack.push_async_callback(self.drain)
+            self.metrics.draining.set(0)
+            self._stack = stack.pop_all()
+
+    async def _close_broker(self) -> None:
+        try:
+            await self.broker.close()
+        finally:
+            await cancel_and_wait(self._broker_task)
 
     def begin_drain(self) -> None:
         """Fail readiness and refuse new sockets; existing ones stay for now."""
@@ -227,34 +311,44 @@ class Gateway:
             log.info("draining: readiness now fails")
         self.draining = True
         self.sockets.draining = True
-        metrics.DRAINING.set(1)
-        metrics.READY.set(0)
+        self.metrics.draining.set(1)
+        self.metrics.ready.set(0)
 
     async def drain(self) -> None:
+        """Fail readiness, refuse new sockets, and close the open ones with 1001 spread
+        over ``[server] drain_seconds``.
+
+        The one place sockets are drained. It runs once: first in :func:`serve`'s stop
+        list, while the listener still answers (503), else as the first step of
+        :meth:`stop`; a later call returns at once.
+        """
+        if self._drained:
+            return
+        self._drained = True
         self.begin_drain()
         await self.sockets.drain(self.settings.server.drain_seconds)
 
+    def hurry(self) -> None:
+        """Close the sockets a drain has not reached yet at once (a second signal)."""
+        self.sockets.hurry()
+
     async def stop(self) -> None:
-        await self.drain()
-        await self.sockets.close()
-        self.hub.close()
-        await self.broker.close()
-        for task in (self._broker_task, self._heartbeat_task, self._outage_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        if self.stream is not None:
-            await self.stream.close()
-        await self.verifier.close()
+        """Undo :meth:`start` in reverse order; a no-op when it has not started."""
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            await stack.aclose()
 
     async def lifespan(self, app: web.Application) -> AsyncIterator[None]:
         await self.start()
-        yield
-        await self.stop()
+        try:
+            yield
+        finally:
+            await self.stop()
 
 
 GATEWAY = web.AppKey("gateway", Gateway)
+#: The metrics an app serves on /metrics (the gateway's; the Web Push worker's own).
+METRICS = web.AppKey("metrics", Metrics)
 
 
 # --- HTTP handlers --------------------------------------------------------------------
@@ -271,7 +365,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     ready = gateway.ready
-    metrics.READY.set(1 if ready else 0)
+    gateway.metrics.ready.set(1 if ready else 0)
     body = {
         "ready": ready,
         "broker": gateway.broker.connected.is_set(),
@@ -280,11 +374,17 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if ready else 503)
 
 
+#: ``notifyd_gc_tracked_objects``, counted at most once per GC_TRACKED_MAX_AGE (the
+#: count is the process's, whichever registry shows it).
+_TRACKED = gcpolicy.TrackedObjects()
+
+
 async def metrics_endpoint(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
     if GATEWAY in request.app:
-        metrics.READY.set(1 if request.app[GATEWAY].ready else 0)
-    metrics.GC_TRACKED.set(gcpolicy.tracked_objects())
-    response = web.Response(body=generate_latest(REGISTRY))
+        metrics.ready.set(1 if request.app[GATEWAY].ready else 0)
+    metrics.gc_tracked.set(_TRACKED())
+    response = web.Response(body=generate_latest(metrics.registry))
     response.content_type = CONTENT_TYPE_LATEST.split(";")[0]
     return response
 
@@ -389,9 +489,10 @@ def create_app(settings: Settings, replica_id: str | None = None) -> web.Applica
     app = web.Application(client_max_size=settings.api.max_body_size)
     gateway = Gateway(settings, replica_id)
     app[GATEWAY] = gateway
+    app[METRICS] = gateway.metrics
+    # Started with the app and stopped (drain first) once aiohttp has closed the listener
+    # and its own handlers; serve() drains earlier, while the listener still answers.
     app.cleanup_ctx.append(gateway.lifespan)
-    # Drain before aiohttp waits for handlers: they end only when their sockets close.
-    app.on_shutdown.append(lambda _: gateway.drain())
     app.router.add_get("/", index)
     # The bound method itself: a wrapper would be one more frame kept per open socket.
     app.router.add_get("/ws", gateway.sockets.handle)
@@ -400,6 +501,12 @@ def create_app(settings: Settings, replica_id: str | None = None) -> web.Applica
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_post("/api/publish", api_publish)
     app.router.add_get("/client/notifyd.js", client_js)
+    # Web Push subscriptions (/api/push/*), when [webpush] vapid_private_key is set.
+    add_push_routes(app, settings, gateway.verifier, gateway.metrics)
+    # /api/presence, /api/stats, /api/disconnect, /api/revoke (service key).
+    AdminApi(
+        gateway.cluster, settings.api.service_keys, settings.auth.revocation_max_age
+    ).add_routes(app)
     if settings.demo.enabled:
         app.router.add_get("/demo", demo_page)
         app.router.add_post("/demo/token", demo_token)
@@ -408,8 +515,10 @@ def create_app(settings: Settings, replica_id: str | None = None) -> web.Applica
     return app
 
 
-def metrics_app() -> web.Application:
+def metrics_app(metrics: Metrics) -> web.Application:
+    """/metrics alone (``[server] metrics_port``), serving ``metrics``."""
     app = web.Application()
+    app[METRICS] = metrics
     app.router.add_get("/metrics", metrics_endpoint)
     return app
 
@@ -428,18 +537,20 @@ class AccessLogger(AbstractAccessLogger):
         )
 
 
-#: Options for every aiohttp runner that serves the app (also used by the tests).
-RUNNER_OPTIONS: dict[str, Any] = {"access_log_class": AccessLogger, "logger": redact.SERVER_LOG}
-
-
-def runner_options(settings: Settings) -> dict[str, Any]:
-    """:data:`RUNNER_OPTIONS` plus the settings' handshake timeout.
+def runner_options(settings: Settings, metrics: Metrics) -> dict[str, Any]:
+    """Options for every aiohttp runner that serves the app (also used by the tests):
+    the access log without query strings, the request handlers' logger counting
+    malformed requests in ``metrics``, and the settings' handshake timeout.
 
     aiohttp's keep-alive timeout also runs from the moment a connection opens until
     its first request is whole: as the handshake timeout it cuts off clients that
     never send a request, or dribble its header lines.
     """
-    return {**RUNNER_OPTIONS, "keepalive_timeout": settings.server.handshake_timeout}
+    return {
+        "access_log_class": AccessLogger,
+        "logger": redact.server_log(metrics),
+        "keepalive_timeout": settings.server.handshake_timeout,
+    }
 
 
 #: Pending-connection queue of the listening socket (capped by net.core.somaxconn).
@@ -502,81 +613,133 @@ def raise_open_files_limit(max_connections: int) -> int:
     return soft
 
 
+#: The signals that stop a replica: the first one drains, a second one hurries the drain.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT while serving: the first one stops, a later one hurries."""
+
+    def __init__(self, hurry: Callable[[], None]) -> None:
+        self.stop = asyncio.Event()
+        self._hurry = hurry
+
+    def received(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if not self.stop.is_set():
+            log.info("%s: shutting down", name)
+            self.stop.set()
+        else:
+            log.warning("%s again: closing the remaining sockets now", name)
+            self._hurry()
+
+
+def _restore_signal(loop: asyncio.AbstractEventLoop, signum: int, handler: Any) -> None:
+    """Give ``signum`` back to the handler it had before serve() (asyncio.run's own
+    SIGINT handler, say)."""
+    loop.remove_signal_handler(signum)
+    if handler is not None:
+        signal.signal(signum, handler)
+
+
+async def _start_runner(
+    stack: contextlib.AsyncExitStack,
+    runner: web.AppRunner,
+    host: str,
+    port: int,
+    **site_options: Any,
+) -> None:
+    """Set ``runner`` up and listen on ``host:port``; its cleanup (listener closed,
+    handlers awaited, the app's cleanup context) goes onto ``stack``."""
+    stack.push_async_callback(runner.cleanup)
+    await runner.setup()
+    await _listen(web.TCPSite(runner, host, port, **site_options), host, port)
+
+
 async def serve(
     settings: Settings, replica_id: str | None = None, reuse_port: bool = False
 ) -> None:
-    """Run one replica until SIGTERM/SIGINT, then shut down in order."""
+    """Run one replica until SIGTERM/SIGINT, then shut down in order.
+
+    Start-up, each step's undoing pushed onto one exit stack:
+
+    1. SIGTERM/SIGINT handlers (a signal during start-up stops it once started;
+       undone: the handlers found before are back)
+    2. the metrics listener, if ``[server] metrics_port`` (its own runner)
+    3. the app's runner, which starts the :class:`Gateway`, then its listener
+    4. the drain (:meth:`Gateway.drain`), so that it runs while the listener still
+       answers: readiness fails and new sockets get 503 while the open ones close
+    5. the collector policy and its task (:mod:`notifyd.gcpolicy`)
+
+    Then it waits for a signal and unwinds the stack: collector task cancelled and
+    awaited and the collector as it was; drain; listener closed, aiohttp's handlers
+    awaited, gateway stopped; metrics listener closed; signal handlers removed. A
+    failure midway through start-up unwinds whatever had started before it is
+    raised. The stop is bounded by ``[server] shutdown_timeout``: past it, the step
+    under way is cut short and the ones after it still run.
+    """
     server = settings.server
     loop = asyncio.get_running_loop()
     raise_open_files_limit(server.max_connections)
     app = create_app(settings, replica_id)
     gateway = app[GATEWAY]
-    runner = web.AppRunner(
-        app,
-        handle_signals=False,
-        shutdown_timeout=server.shutdown_timeout,
-        **runner_options(settings),
-    )
-    await runner.setup()
-    # Connections aiohttp still holds: requests in progress, keep-alive, and clients
-    # that have not finished their request yet (cut off after handshake_timeout).
-    http_server = runner.server
-    assert http_server is not None
-    metrics.HTTP_CONNECTIONS.set_function(lambda: len(http_server.connections))
-    # A reconnect storm opens thousands of sockets at once: with aiohttp's default
-    # backlog of 128 the kernel drops SYNs and clients stall for a 1 s retransmit.
-    site = web.TCPSite(
-        runner, server.host, server.port, backlog=LISTEN_BACKLOG, reuse_port=reuse_port or None
-    )
-    metrics_runner: web.AppRunner | None = None
-    try:
-        await _listen(site, server.host, server.port)
+    signals = _StopSignals(gateway.hurry)
+    site_options: dict[str, Any] = {"reuse_port": reuse_port or None}
+    async with contextlib.AsyncExitStack() as stack:
+        for signum in STOP_SIGNALS:
+            stack.callback(_restore_signal, loop, signum, signal.getsignal(signum))
+            loop.add_signal_handler(signum, signals.received, signum)
         if server.metrics_port:
             metrics_runner = web.AppRunner(
-                metrics_app(), handle_signals=False, **runner_options(settings)
+                metrics_app(gateway.metrics),
+                handle_signals=False,
+                **runner_options(settings, gateway.metrics),
             )
-            await metrics_runner.setup()
-            metrics_site = web.TCPSite(
-                metrics_runner, server.host, server.metrics_port, reuse_port=reuse_port or None
+            await _start_runner(
+                stack, metrics_runner, server.host, server.metrics_port, **site_options
             )
-            await _listen(metrics_site, server.host, server.metrics_port)
-    except ServeError:
-        # Undo what started (the broker connection among it) before saying why.
-        for opened in (metrics_runner, runner):
-            if opened is not None:
-                await opened.cleanup()
-        raise
-    # What start-up allocated lives as long as the process, and so, nearly, do the
-    # sockets: both are kept out of the cycle collector's scans (notifyd.gcpolicy).
-    gcpolicy.install()
-    collector = loop.create_task(gcpolicy.run(lambda: (len(gateway.hub), gateway.hub.left)))
-    log.info(
-        "notifyd listening on http://%s:%d (ws /ws, metrics %s)",
-        server.host,
-        server.port,
-        f":{server.metrics_port}/metrics" if server.metrics_port else "/metrics",
-    )
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    log.info("shutdown requested")
-    started = time.monotonic()
-    # Closing every socket is the churn the policy answers with a full collection:
-    # no use pausing the drain for it.
-    collector.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await collector
-    try:
-        # Readiness fails while the listener is still open, so a load balancer
-        # sees 503 and stops routing here before sockets start to close.
-        async with asyncio.timeout(server.shutdown_timeout):
-            await gateway.drain()
-            await runner.cleanup()
-            if metrics_runner is not None:
-                await metrics_runner.cleanup()
-    except TimeoutError:
-        log.error("shutdown took longer than %.0fs; exiting anyway", server.shutdown_timeout)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=server.shutdown_timeout,
+            **runner_options(settings, gateway.metrics),
+        )
+        # A reconnect storm opens thousands of sockets at once: with aiohttp's default
+        # backlog of 128 the kernel drops SYNs and clients stall for a 1 s retransmit.
+        await _start_runner(
+            stack, runner, server.host, server.port, backlog=LISTEN_BACKLOG, **site_options
+        )
+        # Connections aiohttp still holds: requests in progress, keep-alive, and clients
+        # that have not finished their request yet (cut off after handshake_timeout).
+        http_server = runner.server
+        assert http_server is not None
+        http_connections = gateway.metrics.http_connections
+        http_connections.set_function(lambda: len(http_server.connections))
+        stack.callback(http_connections.set_function, lambda: 0)
+        stack.push_async_callback(gateway.drain)
+        # What start-up allocated lives as long as the process, and so, nearly, do the
+        # sockets: both are kept out of the cycle collector's scans (notifyd.gcpolicy).
+        # Undone before the drain: closing every socket is the churn the policy answers
+        # with a full collection, no use pausing the drain for it.
+        stack.enter_context(gcpolicy.installed())
+        collector = loop.create_task(
+            gcpolicy.run(lambda: (len(gateway.hub), gateway.hub.left), gateway.metrics),
+            name="notifyd-gc",
+        )
+        stack.push_async_callback(cancel_and_wait, collector)
+        log.info(
+            "notifyd listening on http://%s:%d (ws /ws, metrics %s)",
+            server.host,
+            server.port,
+            f":{server.metrics_port}/metrics" if server.metrics_port else "/metrics",
+        )
+        await signals.stop.wait()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(server.shutdown_timeout):
+                await stack.aclose()
+        except TimeoutError:
+            log.error("shutdown took longer than %.0fs; exiting anyway", server.shutdown_timeout)
     log.info("stopped in %.1fs", time.monotonic() - started)
 
 
@@ -603,30 +766,38 @@ def run(settings: Settings) -> None:
 
     base = settings.amqp.replica_id or default_replica_id()
     context = multiprocessing.get_context("spawn")
-    processes = []
-    for index in range(workers):
-        worker_settings = settings
-        if settings.server.metrics_port:
-            worker_settings = settings.replace(
-                "server", metrics_port=settings.server.metrics_port + index
-            )
-        process = context.Process(
-            target=_worker_main,
-            args=(worker_settings, f"{base}-w{index}", logging.getLogger().level),
-            name=f"notifyd-worker-{index}",
-        )
-        process.start()
-        processes.append(process)
+    processes: list[Any] = []
 
     def forward(signum: int, _: Any) -> None:
         for process in processes:
             if process.pid is not None and process.is_alive():
                 os.kill(process.pid, signum)
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    for process in processes:
-        process.join()
+    # Forwarding before the first worker starts: no signal may end the parent alone.
+    previous = {signum: signal.signal(signum, forward) for signum in STOP_SIGNALS}
+    try:
+        for index in range(workers):
+            worker_settings = settings
+            if settings.server.metrics_port:
+                worker_settings = settings.replace(
+                    "server", metrics_port=settings.server.metrics_port + index
+                )
+            process = context.Process(
+                target=_worker_main,
+                args=(worker_settings, f"{base}-w{index}", logging.getLogger().level),
+                name=f"notifyd-worker-{index}",
+            )
+            process.start()
+            processes.append(process)
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:  # on any failure here, no worker outlives the parent
+            if process.is_alive():
+                process.terminate()
+                process.join()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     failed = [f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode]
     if failed:
         raise ServeError(f"{', '.join(failed)}: see the log above")
@@ -634,6 +805,9 @@ def run(settings: Settings) -> None:
 
 def _worker_main(settings: Settings, replica_id: str, log_level: int) -> None:
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Out of the terminal's process group: a Ctrl-C reaches the workers once, forwarded
+    # by the parent, not twice (a second signal would hurry the drain).
+    os.setpgid(0, 0)
     try:
         run_worker(settings, replica_id, reuse_port=True)
     except ServeError as exc:

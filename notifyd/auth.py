@@ -22,6 +22,7 @@ import jwt
 
 from .config import AuthSettings
 from .errors import AuthError
+from .lifecycle import cancel_and_wait
 from .protocol import valid_name
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Identity:
     topics: Grants
     publish: Grants
     token_id: str | None = None
+    #: Users whose presence the holder may watch (claim ``presence``, issue 16.3).
+    presence: frozenset[str] = frozenset()
 
 
 def decode_identity(
@@ -175,7 +178,20 @@ def _identity(claims: Mapping[str, Any], settings: AuthSettings) -> Identity:
         topics=Grants.parse(claims.get(settings.topics_claim), settings.topics_claim),
         publish=Grants.parse(claims.get(settings.publish_claim), settings.publish_claim),
         token_id=token_id if isinstance(token_id, str) else None,
+        presence=_presence(claims.get(PRESENCE_CLAIM)),
     )
+
+
+#: The claim listing the user ids whose ``presence:<id>`` a token may subscribe to.
+PRESENCE_CLAIM: Final = "presence"
+
+
+def _presence(value: object) -> frozenset[str]:
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(valid_name(v) for v in value):
+        raise AuthError("claims", f"claim '{PRESENCE_CLAIM}' must be a list of user ids")
+    return frozenset(value)
 
 
 class _Jwks:
@@ -232,8 +248,9 @@ class _Jwks:
         log.info("JWKS fetched from %s: %d keys", self.url, len(self._keys))
 
     async def close(self) -> None:
-        if self._inflight is not None:
-            self._inflight.cancel()
+        """Stop a fetch under way, wait for it to end, then close the HTTP session."""
+        inflight, self._inflight = self._inflight, None
+        await cancel_and_wait(inflight)
         if self._http is not None:
             await self._http.close()
 

@@ -16,49 +16,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import logging
 import os
 import random
+import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractConnection
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
+from prometheus_client import Gauge
 
-from . import metrics
-from .config import AmqpSettings, redact_url
-from .errors import BrokerUnavailable, InvalidMessage, ProtocolError
-from .protocol import (
+from .amqp import (
     CONTROL_ROUTING_KEY,
-    FROM_HEADER,
-    PUBLISHED_AT_HEADER,
-    Channel,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    MARKER_HEADER,
+    RECEIPTS_EXCHANGE,
+    ROUTE_EXCHANGE,
+    UNROUTED_EXCHANGE,
+    UPSTREAM_EXCHANGE,
     ControlCommand,
-    IdGenerator,
-    JSONEncodeError,
-    Notification,
+    Delivery,
+    dead_letter_message,
     decode_control,
-    decode_notification,
-    dumps,
-    published_time,
+    marker_properties,
+    notification_message,
+    receipt_message,
+    upstream_message,
 )
+from .config import AmqpSettings, redact_url
+from .errors import BrokerUnavailable, InvalidMessage
+from .metrics import Metrics
+from .protocol import BROADCAST, Channel, IdGenerator, Notification
+from .publisher import declare_topology
 
 log = logging.getLogger(__name__)
 
 #: Seconds one connection attempt (TCP connect and AMQP handshake) may take.
 CONNECT_TIMEOUT = 10.0
-EXCHANGE = "notifyd"
-DEAD_LETTER_EXCHANGE = "notifyd.dlx"
-DEAD_LETTER_QUEUE = "notifyd.dead"
-UPSTREAM_EXCHANGE = "notifyd.upstream"
-RECEIPTS_EXCHANGE = "notifyd.receipts"
 #: Keys every replica consumes regardless of who is online.
-ALWAYS_BOUND = ("broadcast", CONTROL_ROUTING_KEY)
+ALWAYS_BOUND = (BROADCAST.routing_key, CONTROL_ROUTING_KEY)
 
 #: Seconds between batched acks (well inside what ``prefetch`` lets RabbitMQ send).
 ACK_INTERVAL = 0.01
@@ -68,27 +75,26 @@ _BIND_BATCH = 5000
 _UNBIND_BATCH = 100
 #: Binds sent between two turns of the event loop.
 _YIELD_EVERY = 64
+#: Seconds one publish may wait for RabbitMQ's confirm.
+PUBLISH_TIMEOUT = 10.0
+#: Receipts awaiting RabbitMQ's confirm at once; past this, receipts are dropped
+#: (``notifyd_receipts_total{outcome="dropped"}``), never queued without bound.
+MAX_RECEIPTS_IN_FLIGHT = 1000
+#: Seconds before a message whose dead letter RabbitMQ did not take is handed back
+#: for redelivery (so that a broker refusing dead letters is not asked in a loop).
+DEAD_LETTER_RETRY_PAUSE = 1.0
 
 
 def default_replica_id() -> str:
+    """``<hostname>-<pid>``: unique per process on a host, readable in RabbitMQ's UI."""
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-async def declare_topology(channel: AbstractChannel) -> None:
-    """The shared, durable exchanges every replica and publisher relies on (idempotent).
-
-    Queues with arguments (``notifyd.dead``, the streams) are declared by the
-    replicas only, with :func:`declare_queue`: a publisher that declared them
-    with other arguments would be refused by RabbitMQ.
-    """
-    await channel.declare_exchange(EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    await channel.declare_exchange(UPSTREAM_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    await channel.declare_exchange(RECEIPTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-
-
 async def declare_queue(
-    connection: Any, name: str, arguments: dict[str, Any], bind_to: str | None = None
+    connection: AbstractConnection,
+    name: str,
+    arguments: dict[str, Any],
+    bind_to: str | None = None,
 ) -> str | None:
     """Declare a durable queue with ``arguments``; if it exists with other ones, keep it.
 
@@ -98,7 +104,8 @@ async def declare_queue(
     from connecting. The declaration gets a channel of its own for that reason.
     With ``bind_to``, the queue is then bound to that exchange (either way).
     Returns None when the queue has ``arguments``, else RabbitMQ's explanation,
-    for the caller to tell the operator what to do.
+    for the caller to tell the operator what to do. Raises aio-pika's errors for
+    anything else (connection lost, no such exchange).
     """
     refused = None
     channel = await connection.channel(publisher_confirms=False)
@@ -118,8 +125,11 @@ async def declare_queue(
     return refused
 
 
-async def queue_exists(connection: Any, name: str) -> bool:
-    """Whether queue ``name`` exists (a passive declare, on a channel of its own)."""
+async def queue_exists(connection: AbstractConnection, name: str) -> bool:
+    """Whether queue ``name`` exists (a passive declare, on a channel of its own).
+
+    Raises aio-pika's errors for anything but a missing queue.
+    """
     channel = await connection.channel(publisher_confirms=False)
     try:
         await channel.declare_queue(name, passive=True)
@@ -131,6 +141,79 @@ async def queue_exists(connection: Any, name: str) -> bool:
     return True
 
 
+async def read_to_marker(
+    raw: RawChannel,
+    stream: str,
+    offset: dt.datetime | str,
+    handle: Callable[[Delivery], None],
+    prefetch: int,
+) -> None:
+    """Read ``stream`` from ``offset`` (an ``x-stream-offset``: a time or ``"first"``)
+    up to a marker appended now, handing each message before it to ``handle`` in
+    stream order (synchronously, so that order holds).
+
+    Returns once the marker is read: everything the stream held when this was called
+    has been handled. Raises ConnectionError when RabbitMQ cancels the consumer (the
+    stream member it read from went down) and aiormq's errors for a failed channel.
+    Bounding the time it takes and closing ``raw`` afterwards (which ends the
+    consumer) are the caller's.
+    """
+    marker = secrets.token_hex(8)
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    ack_every = max(1, prefetch // 4)
+
+    async def on_message(message: DeliveredMessage) -> None:
+        delivery = Delivery.of(message)
+        found = delivery.headers.get(MARKER_HEADER)
+        if found is None:
+            handle(delivery)
+        elif found == marker and not done.done():
+            done.set_result(None)
+        # (else another reader's marker)
+        # Streams grant the consumer credit on acks. Never once the marker is in:
+        # the channel is being closed, and an ack racing that close makes RabbitMQ
+        # close the whole connection (504).
+        if delivery.tag % ack_every == 0 and not done.done():
+            with contextlib.suppress(aiormq.AMQPError, ConnectionError, RuntimeError):
+                await raw.basic_ack(delivery.tag, multiple=True)
+
+    def cancelled(_: Basic.Cancel) -> None:
+        if not done.done():
+            done.set_exception(ConnectionError("the stream consumer was cancelled"))
+
+    raw.on_consumer_cancel_callbacks.add(cancelled)
+    await raw.basic_qos(prefetch_count=prefetch)
+    await raw.basic_consume(stream, on_message, arguments={"x-stream-offset": offset})
+    # Appended after everything in the stream now. Sent on the reading channel: it
+    # needs no confirm (the read waits for the marker itself).
+    await raw.basic_publish(
+        b"{}", exchange="", routing_key=stream, properties=marker_properties(marker)
+    )
+    await done
+
+
+async def declare_routing(channel: AbstractChannel) -> None:
+    """``notifyd`` → (``#``) ``notifyd.route`` → alternate exchange ``notifyd.unrouted``.
+
+    Both internal (nothing publishes to them but RabbitMQ), durable topic exchanges;
+    idempotent, every replica declares them alike (an exchange declared again with
+    other arguments is refused). Replica queues bind on ``notifyd.route``: what none
+    of them takes goes on to ``notifyd.unrouted`` (:mod:`notifyd.offline`). Raises
+    aio-pika's errors.
+    """
+    await channel.declare_exchange(
+        UNROUTED_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True, internal=True
+    )
+    route = await channel.declare_exchange(
+        ROUTE_EXCHANGE,
+        aio_pika.ExchangeType.TOPIC,
+        durable=True,
+        internal=True,
+        arguments={"alternate-exchange": UNROUTED_EXCHANGE},
+    )
+    await route.bind(EXCHANGE, "#")
+
+
 def replica_queue_arguments(settings: AmqpSettings) -> dict[str, Any]:
     """A replica's queue: deleted once unused for ``queue_expires``, replicated if quorum."""
     arguments: dict[str, Any] = {"x-expires": int(settings.queue_expires * 1000)}
@@ -138,6 +221,25 @@ def replica_queue_arguments(settings: AmqpSettings) -> dict[str, Any]:
         # Raft-replicated on every node: the loss of one node, even the one leading
         # the queue, neither loses what it holds nor stops a reconnect to another.
         arguments["x-queue-type"] = "quorum"
+    return arguments
+
+
+def unrouted_queue_arguments(settings: AmqpSettings) -> dict[str, Any]:
+    """``notifyd.unrouted``: one consumer at a time (the offline hook of one replica;
+    another takes over when it goes), replicated if quorum."""
+    arguments: dict[str, Any] = {"x-single-active-consumer": True}
+    arguments.update(offline_queue_arguments(settings))
+    return arguments
+
+
+def offline_queue_arguments(settings: AmqpSettings) -> dict[str, Any]:
+    """``notifyd.offline``, as the gateway and ``notifyd webpush`` both declare it:
+    bounded by ``[amqp] offline_max_length`` (oldest dropped), replicated if quorum."""
+    arguments: dict[str, Any] = {}
+    if settings.queue_type == "quorum":
+        arguments["x-queue-type"] = "quorum"
+    if settings.offline_max_length:
+        arguments["x-max-length"] = settings.offline_max_length
     return arguments
 
 
@@ -165,30 +267,43 @@ class BindingTable:
 
     Only keys that changed are looked at to find the next batch: scanning every
     wanted key per batch made a storm of new users cost O(users²).
+
+    ``always``: keys wanted from the start and never released; ``changed``: the event
+    set when there is work (tables reconciled by one worker share one); ``gauge``:
+    set to the number of bound keys.
     """
 
-    def __init__(self) -> None:
-        self.desired: set[str] = set(ALWAYS_BOUND)
+    def __init__(
+        self,
+        always: Iterable[str] = ALWAYS_BOUND,
+        changed: asyncio.Event | None = None,
+        gauge: Gauge | None = None,
+    ) -> None:
+        self.desired: set[str] = set(always)
         #: Keys that are (or may still be) bound on the broker.
         self.bound: set[str] = set()
         #: Keys whose wanted and bound states may differ.
-        self._dirty: set[str] = set(ALWAYS_BOUND)
-        self.changed = asyncio.Event()
+        self._dirty: set[str] = set(always)
+        self.changed = changed if changed is not None else asyncio.Event()
+        self._gauge = gauge
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
 
     def want(self, routing_key: str) -> None:
+        """Have ``routing_key`` bound (in the next batch, unless it is already)."""
         self.desired.add(routing_key)
         if routing_key not in self.bound:
             self._dirty.add(routing_key)
             self.changed.set()
 
     def release(self, routing_key: str) -> None:
+        """Have ``routing_key`` unbound (in a coming batch, if it is bound)."""
         self.desired.discard(routing_key)
         if routing_key in self.bound:
             self._dirty.add(routing_key)
             self.changed.set()
 
     def is_bound(self, routing_key: str) -> bool:
+        """Whether ``routing_key`` is wanted and bound on the broker."""
         return routing_key in self.bound and routing_key in self.desired
 
     async def wait_bound(self, routing_key: str, timeout: float) -> bool:
@@ -228,13 +343,15 @@ class BindingTable:
         return to_bind, to_unbind
 
     def applied(self, bound: list[str], unbound: list[str]) -> None:
+        """Record a batch the broker has done; wakes those waiting for ``bound`` keys."""
         self.bound.update(bound)
         self.bound.difference_update(unbound)
         for key in bound:
             for future in self._waiters.pop(key, ()):
                 if not future.done():
                     future.set_result(None)
-        metrics.BINDINGS.set(len(self.bound))
+        if self._gauge is not None:
+            self._gauge.set(len(self.bound))
 
     def forget_bound(self) -> None:
         """After a reconnect: bind everything wanted again (binding is idempotent).
@@ -258,36 +375,56 @@ class Broker:
         on_control: Callable[[ControlCommand], None],
         replica_id: str | None = None,
         ids: IdGenerator | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics if metrics is not None else Metrics()
         self.on_notification = on_notification
         self.on_control = on_control
         self.replica_id = replica_id or settings.replica_id or default_replica_id()
         self.queue_name = f"notifyd.replica.{self.replica_id}"
         self.ids = ids or IdGenerator()
-        self.bindings = BindingTable()
+        #: Keys of the users and topics this replica holds (and ``broadcast``,
+        #: ``control``), bound on ``notifyd.route``: what makes a user online.
+        self.bindings = BindingTable(gauge=self.metrics.bindings)
+        #: Keys bound on ``notifyd`` itself for the in-memory history only (users gone
+        #: for longer than ``[ws] binding_grace``): they reach this replica's history
+        #: without keeping the user from looking offline (see :mod:`notifyd.offline`).
+        self.history_bindings = BindingTable(
+            (), self.bindings.changed, self.metrics.history_bindings
+        )
         self.connected = asyncio.Event()
         #: Awaited with the new connection after each (re)connect, before consuming.
-        self.on_connected: list[Callable[[Any], Awaitable[None]]] = []
+        self.on_connected: list[Callable[[AbstractConnection], Awaitable[None]]] = []
         #: Awaited with the new connection and a unix time when this replica's queue
         #: was gone on reconnect (deleted, or expired with what it held): what was
         #: routed since about that time never reached this replica. Runs after
         #: :attr:`on_connected`, with every binding in place, before consuming.
-        self.on_queue_lost: list[Callable[[Any, float], Awaitable[None]]] = []
+        self.on_queue_lost: list[Callable[[AbstractConnection, float], Awaitable[None]]] = []
         #: The URL of the node this replica is connected to (or last tried).
         self.current_url = settings.node_urls[0]
         #: ``time.monotonic()`` since when there is no connection (None: connected).
         self.disconnected_since: float | None = time.monotonic()
-        self._connection: Any = None
+        #: Receipts awaiting RabbitMQ's confirm at once before more are dropped.
+        self.max_receipts_in_flight = MAX_RECEIPTS_IN_FLIGHT
+        self._receipts_in_flight = 0
+        self._connection: AbstractConnection | None = None
         self._publisher: AbstractChannel | None = None
         self._lost = asyncio.Event()
         self._closing = False
+        #: The last delivery tag handled on the consuming channel, and the last acked.
         self._ack_tag = 0
-        self._ack_scheduled = False
-        self._consume_channel: Any = None
+        self._acked_tag = 0
+        #: Tags of dead-lettered messages whose dead letter RabbitMQ has not confirmed:
+        #: no ack (they are all ``multiple``) may cover them until it has.
+        self._unsettled: set[int] = set()
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._consume_channel: RawChannel | None = None
         self._consumer_tag: str | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._dead_logged: dict[str, float] = {}
+        #: Every task this broker started: cancelled and awaited on disconnect.
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: ``time.monotonic()`` of the last log line per problem (once a minute each).
+        self._logged: dict[str, float] = {}
         self._dead_queue_warned = False
         #: Publish time (unix s) of the last notification consumed: where a replay
         #: starts if the queue is lost. None until the queue was first declared.
@@ -320,7 +457,7 @@ class Broker:
                 failures += 1
             else:
                 if not first:
-                    metrics.BROKER_RECONNECTS.inc()
+                    self.metrics.broker_reconnects.inc()
                 first = False
                 ceiling = self.settings.reconnect_min
                 failures = 0
@@ -353,12 +490,14 @@ class Broker:
         publisher = await connection.channel(publisher_confirms=True)
         publisher.close_callbacks.add(self._on_lost)
         await declare_topology(publisher)
+        await declare_routing(publisher)
         await self._declare_dead_letter_queue(connection)
         existed = await self._declare_replica_queue(connection)
         consumer = await connection.channel(publisher_confirms=False)
         consumer.close_callbacks.add(self._on_lost)
         raw = await consumer.get_underlay_channel()
         self.bindings.forget_bound()
+        self.history_bindings.forget_bound()
         await self._apply_bindings(raw)
         for callback in self.on_connected:
             await callback(connection)
@@ -379,7 +518,9 @@ class Broker:
         if self._caught_up_to is None:
             self._caught_up_to = time.time()
         await raw.basic_qos(prefetch_count=self.settings.prefetch)
-        self._ack_tag = 0
+        # Delivery tags start again at 1 on a new channel.
+        self._ack_tag = self._acked_tag = 0
+        self._unsettled.clear()
         self._consume_channel = raw
         # RabbitMQ cancels the consumer if the queue goes away under it (deleted):
         # reconnecting declares it again, instead of staying connected to nothing.
@@ -390,7 +531,7 @@ class Broker:
         self._spawn(self._binding_worker(raw))
         self.disconnected_since = None
         self.connected.set()
-        metrics.BROKER_CONNECTED.set(1)
+        self.metrics.broker_connected.set(1)
         log.info(
             "broker connected to %s: queue %s, %d bindings",
             redact_url(url),
@@ -398,7 +539,7 @@ class Broker:
             len(self.bindings.bound),
         )
 
-    async def _declare_replica_queue(self, connection: Any) -> bool:
+    async def _declare_replica_queue(self, connection: AbstractConnection) -> bool:
         """Declare this replica's queue; True if it existed already.
 
         One with other arguments is this replica's own from an older notifyd (a
@@ -424,7 +565,7 @@ class Broker:
                 raise RuntimeError(f"cannot declare queue {self.queue_name}: {refused}")
         return existed
 
-    async def _declare_dead_letter_queue(self, connection: Any) -> None:
+    async def _declare_dead_letter_queue(self, connection: AbstractConnection) -> None:
         """Declare and bind ``notifyd.dead``; trouble with it never stops a (re)connect.
 
         A classic one whose node is down refuses even a passive declare: dead letters
@@ -455,18 +596,26 @@ class Broker:
                 json.dumps(_as_policy(arguments)),
             )
 
-    def _on_lost(self, *_: Any) -> None:
+    def _on_lost(self, *_: object) -> None:
         self._lost.set()
 
     async def _disconnect(self) -> None:
         if self.disconnected_since is None:
             self.disconnected_since = time.monotonic()
         self.connected.clear()
-        metrics.BROKER_CONNECTED.set(0)
+        self.metrics.broker_connected.set(0)
         self._publisher = None
         self._consume_channel = None
-        for task in list(self._tasks):
-            task.cancel()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        # Unacked deliveries (and those whose dead letter was under way) are
+        # delivered again by RabbitMQ once the channel is gone.
+        while self._tasks:
+            tasks = list(self._tasks)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
@@ -474,6 +623,7 @@ class Broker:
 
     @property
     def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
         return self._closing
 
     async def close(self) -> None:
@@ -499,33 +649,46 @@ class Broker:
                 await asyncio.wait_for(channel.queue_delete(self.queue_name), 5)
         await self._disconnect()
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a task of this broker's (awaited on disconnect)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     # --- bindings ---------------------------------------------------------------------
 
-    async def _apply_bindings(self, raw: Any) -> None:
-        """Send pending binds/unbinds without waiting for each, then one barrier."""
+    async def _apply_bindings(self, raw: RawChannel) -> None:
+        """Send pending binds/unbinds without waiting for each, then one barrier.
+
+        Both tables in each batch, every bind before any unbind: a key moving from
+        ``notifyd.route`` to the history-only binding on ``notifyd`` (released from
+        one and wanted by the other at once) is bound anew before it is unbound.
+        """
         while True:
             to_bind, to_unbind = self.bindings.pending()
-            if not to_bind and not to_unbind:
+            history_bind, history_unbind = self.history_bindings.pending()
+            if not (to_bind or to_unbind or history_bind or history_unbind):
                 return
-            for index, key in enumerate(to_bind, 1):
-                await raw.queue_bind(self.queue_name, EXCHANGE, routing_key=key, nowait=True)
+            binds = [(ROUTE_EXCHANGE, key) for key in to_bind]
+            binds.extend((EXCHANGE, key) for key in history_bind)
+            for index, (exchange, key) in enumerate(binds, 1):
+                await raw.queue_bind(self.queue_name, exchange, routing_key=key, nowait=True)
                 if index % _YIELD_EVERY == 0:
                     # A nowait bind never suspends: without this a storm's batch
                     # of thousands would hold the event loop for all of them.
                     await asyncio.sleep(0)
             for key in to_unbind:
+                await raw.queue_unbind(self.queue_name, ROUTE_EXCHANGE, routing_key=key)
+            for key in history_unbind:
                 await raw.queue_unbind(self.queue_name, EXCHANGE, routing_key=key)
             # The channel processes methods in order: when this answers, every
             # bind sent before it is in effect.
             await raw.exchange_declare(EXCHANGE, exchange_type="topic", durable=True, passive=True)
             self.bindings.applied(to_bind, to_unbind)
+            self.history_bindings.applied(history_bind, history_unbind)
 
-    async def _binding_worker(self, raw: Any) -> None:
+    async def _binding_worker(self, raw: RawChannel) -> None:
         changed = self.bindings.changed
         try:
             while True:
@@ -558,132 +721,149 @@ class Broker:
 
     # --- consuming --------------------------------------------------------------------
 
-    async def _on_delivery(self, message: Any) -> None:
+    async def _on_delivery(self, message: DeliveredMessage) -> None:
         self.handle_delivery(message)
 
-    def handle_delivery(self, message: Any) -> None:
-        delivery = message.delivery
-        routing_key = delivery.routing_key
-        properties = message.header.properties
+    def handle_delivery(self, message: DeliveredMessage) -> None:
+        """Hand one consumed message to the hub (or the control handler); never raises.
+
+        What cannot be delivered is dead-lettered: acknowledged only once RabbitMQ has
+        confirmed the dead letter. Everything else is acknowledged in the next batch.
+        """
+        delivery = Delivery.of(message)
         now = time.time()
         try:
-            timestamp = properties.timestamp
-            sent_at = timestamp.timestamp() if timestamp is not None else None
-            if routing_key == CONTROL_ROUTING_KEY:
-                metrics.NOTIFICATIONS_RECEIVED.labels("control").inc()
-                published = published_time(sent_at, properties.headers)
-                self.on_control(decode_control(message.body, published or now))
+            if delivery.routing_key == CONTROL_ROUTING_KEY:
+                self.metrics.notifications_received.labels("control").inc()
+                self.on_control(decode_control(delivery.body, delivery.published_at or now))
             else:
-                notification = decode_notification(
-                    routing_key,
-                    message.body,
-                    message_id=properties.message_id,
-                    timestamp=sent_at,
-                    expiration=properties.expiration,
-                    headers=properties.headers,
-                    ids=self.ids,
-                    max_body_size=self.settings.max_body_size,
-                    now=now,
+                notification = delivery.notification(
+                    ids=self.ids, max_body_size=self.settings.max_body_size, now=now
                 )
                 published = notification.published_at
                 self._caught_up_to = now if published is None else min(now, published)
                 self.on_notification(notification)
         except InvalidMessage as exc:
-            self._dead_letter(message, exc.reason, str(exc))
+            self._dead_letter(delivery, exc.reason, str(exc))
         except Exception:
             # A bug must not kill the consumer: park the message and carry on (the
             # traceback is logged with the once-a-minute line, not once per message).
-            self._dead_letter(message, "internal_error", "notifyd failed to handle it", True)
-        self._ack(delivery.delivery_tag)
+            self._dead_letter(delivery, "internal_error", "notifyd failed to handle it", True)
+        self._ack(delivery.tag)
 
     def _ack(self, tag: int) -> None:
         self._ack_tag = tag
-        if not self._ack_scheduled:
+        if self._ack_timer is None:
             # One ack (multiple=True) per interval instead of one write per message;
             # a crash re-delivers at most this window, which dedupe drops by id.
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_later(ACK_INTERVAL, self._flush_acks)
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_INTERVAL, self._flush_acks)
 
     def _flush_acks(self) -> None:
-        self._ack_scheduled = False
+        self._ack_timer = None
         channel, tag = self._consume_channel, self._ack_tag
-        if channel is None or not tag or channel.is_closed:
+        if self._unsettled:
+            # An ack with multiple=True covers every earlier tag: stop short of the
+            # first dead letter RabbitMQ has not confirmed yet. The rest is acked
+            # once it has (or the message is handed back): see _settle_dead_letter.
+            tag = min(self._unsettled) - 1
+        if channel is None or tag <= self._acked_tag or channel.is_closed:
             return
-        self._spawn(channel.basic_ack(tag, multiple=True))
+        self._acked_tag = tag
+        self._spawn(self._send_ack(channel, tag))
 
-    def _dead_letter(self, message: Any, reason: str, detail: str, exc_info: bool = False) -> None:
-        metrics.DEAD_LETTERED.labels(reason).inc()
-        metrics.NOTIFICATIONS_DROPPED.labels("invalid").inc()
+    @staticmethod
+    async def _send_ack(channel: RawChannel, tag: int) -> None:
+        # A failure means the channel is gone: RabbitMQ delivers these again.
+        with contextlib.suppress(aiormq.AMQPError, ConnectionError, RuntimeError):
+            await channel.basic_ack(tag, multiple=True)
+
+    def _log_once_a_minute(self, problem: str) -> bool:
+        """Whether to log ``problem`` now: a flood must not flood the log."""
         now = time.monotonic()
-        if now - self._dead_logged.get(reason, float("-inf")) > 60:
-            # Logged once a minute per reason: a flood of bad messages must not flood logs.
-            self._dead_logged[reason] = now
+        if now - self._logged.get(problem, float("-inf")) > 60:
+            self._logged[problem] = now
+            return True
+        return False
+
+    def _dead_letter(
+        self, delivery: Delivery, reason: str, detail: str, exc_info: bool = False
+    ) -> None:
+        if self._log_once_a_minute(f"dead:{reason}"):
             log.warning(
                 "dead-lettering message id=%r key=%r: %s (%s); further %s messages are "
                 "counted in notifyd_dead_lettered_total",
-                message.header.properties.message_id,
-                message.delivery.routing_key,
+                delivery.message_id,
+                delivery.routing_key,
                 detail,
                 reason,
                 reason,
                 exc_info=exc_info,
             )
-        headers = dict(message.header.properties.headers or {})
-        headers.update({
-            "notifyd-reason": reason,
-            "notifyd-detail": detail,
-            "notifyd-routing-key": message.delivery.routing_key,
-            "notifyd-replica": self.replica_id,
-        })  # fmt: skip
-        self._spawn(
-            self._publish_raw(
-                DEAD_LETTER_EXCHANGE,
-                message.delivery.routing_key,
-                message.body,
-                message_id=message.header.properties.message_id,
-                content_type=message.header.properties.content_type,
-                headers=headers,
-            )
-        )
+        channel = self._consume_channel
+        if channel is None:  # not consumed through this broker (nothing to ack)
+            return
+        self._unsettled.add(delivery.tag)
+        message = dead_letter_message(delivery, reason, detail, self.replica_id, time.time())
+        self._spawn(self._settle_dead_letter(channel, delivery, reason, message))
+
+    async def _settle_dead_letter(
+        self, channel: RawChannel, delivery: Delivery, reason: str, message: aio_pika.Message
+    ) -> None:
+        """Publish a dead letter; the message it was is acked only once it is confirmed.
+
+        Not confirmed (RabbitMQ refused it, no answer within the timeout): after
+        :data:`DEAD_LETTER_RETRY_PAUSE`, the message is handed back (``basic.nack``
+        with requeue) to be delivered and dead-lettered again, never acked unseen.
+        """
+        tag = delivery.tag
+        try:
+            # Not mandatory: with no queue bound to notifyd.dlx (notifyd.dead is on a
+            # node that is down, or an operator unbound it), RabbitMQ confirms and
+            # drops it, as it would with its own dead-lettering.
+            await self._publish(DEAD_LETTER_EXCHANGE, delivery.routing_key, message, False)
+        except BrokerUnavailable as exc:
+            if self._log_once_a_minute("dead-letter-failed"):
+                log.warning(
+                    "dead letter for message id=%r not taken (%s): the message is delivered "
+                    "again in %gs",
+                    delivery.message_id,
+                    exc,
+                    DEAD_LETTER_RETRY_PAUSE,
+                )
+            await asyncio.sleep(DEAD_LETTER_RETRY_PAUSE)
+            if channel is self._consume_channel:
+                # Sent before the tag leaves _unsettled, so before any ack covering it.
+                with contextlib.suppress(aiormq.AMQPError, ConnectionError, RuntimeError):
+                    await channel.basic_nack(tag, multiple=False, requeue=True)
+        else:
+            self.metrics.dead_lettered.labels(reason).inc()
+            self.metrics.notifications_dropped.labels("invalid").inc()
+        finally:
+            # Not after a reconnect: the tag was this channel's, and RabbitMQ delivers
+            # everything unacked on it again.
+            if channel is self._consume_channel:
+                self._unsettled.discard(tag)
+                self._ack(self._ack_tag)
 
     # --- publishing -------------------------------------------------------------------
 
-    async def _publish_raw(
-        self,
-        exchange: str,
-        routing_key: str,
-        body: bytes,
-        message_id: str | None = None,
-        content_type: str | None = "application/json",
-        headers: dict[str, Any] | None = None,
-        persistent: bool = True,
+    async def _publish(
+        self, exchange: str, routing_key: str, message: aio_pika.Message, mandatory: bool
     ) -> None:
+        """Publish and wait for RabbitMQ's confirm; raises :class:`BrokerUnavailable`
+        while disconnected, on a publish error, a nack, a return (``mandatory``) or no
+        confirm within :data:`PUBLISH_TIMEOUT`."""
         channel = self._publisher
         if channel is None or channel.is_closed:
             raise BrokerUnavailable("not connected to RabbitMQ")
-        target = (
-            channel.default_exchange
-            if exchange == ""
-            else await channel.get_exchange(exchange, ensure=False)
-        )
-        message = aio_pika.Message(
-            body,
-            message_id=message_id,
-            content_type=content_type,
-            headers=headers,
-            timestamp=time.time(),
-            delivery_mode=(
-                aio_pika.DeliveryMode.PERSISTENT
-                if persistent
-                else aio_pika.DeliveryMode.NOT_PERSISTENT
-            ),
-        )
         try:
-            # Nobody online for a notification is normal: RabbitMQ drops it, and that
-            # is not a failure. Upstream messages no backend consumes are returned.
-            mandatory = exchange != EXCHANGE
+            target = (
+                channel.default_exchange
+                if exchange == ""
+                else await channel.get_exchange(exchange, ensure=False)
+            )
             confirmation = await asyncio.wait_for(
-                target.publish(message, routing_key, mandatory=mandatory), 10
+                target.publish(message, routing_key, mandatory=mandatory), PUBLISH_TIMEOUT
             )
         except (aiormq.AMQPError, ConnectionError, TimeoutError, RuntimeError) as exc:
             raise BrokerUnavailable(f"publish failed: {exc}") from exc
@@ -697,88 +877,83 @@ class Broker:
         data: Any,
         sender: str | None = None,
         message_id: str | None = None,
+        ttl: float | None = None,
+        receipt: bool = False,
     ) -> str:
         """Publish a notification through the ``notifyd`` exchange (every replica sees it).
 
-        Raises :class:`ProtocolError` (``too_deep``, ``too_big``) for one that the
-        replicas would dead-letter, before anything is published.
+        As :class:`notifyd.publisher.Publisher` does (one format:
+        :func:`notifyd.amqp.notification_message`): ``sender`` a user publishing from a
+        socket, ``message_id`` (generated when None), ``ttl`` (seconds), ``receipt``.
+        Returns the id once RabbitMQ confirmed it. Raises :class:`ProtocolError`
+        (``too_deep``, ``too_big``) for one that the replicas would dead-letter, before
+        anything is published, and :class:`BrokerUnavailable` when it is not confirmed.
         """
-        body = notification_body(data, event, self.settings.max_body_size)
-        notification_id = message_id or self.ids.new()
-        headers: dict[str, Any] = {PUBLISHED_AT_HEADER: int(time.time() * 1000)}
-        if sender is not None:
-            headers[FROM_HEADER] = sender
-        await self._publish_raw(
-            EXCHANGE, channel.routing_key, body, message_id=notification_id, headers=headers
+        now = time.time()
+        notification_id = message_id or self.ids.new(int(now * 1000))
+        message = notification_message(
+            data,
+            message_id=notification_id,
+            now=now,
+            event=event,
+            sender=sender,
+            ttl=ttl,
+            receipt=receipt,
+            max_body_size=self.settings.max_body_size,
         )
+        # Nobody online for a notification is normal: RabbitMQ drops it, and that
+        # is not a failure.
+        await self._publish(EXCHANGE, channel.routing_key, message, mandatory=False)
         return notification_id
 
     async def send_upstream(self, user: str, session: str, event: str, data: Any) -> None:
-        """A client's message to the backends, stamped with who sent it."""
-        body = dumps(
-            {
-                "user": user,
-                "session": session,
-                "event": event,
-                "data": data,
-                "ts": int(time.time() * 1000),
-            }
+        """A client's message to the backends (``notifyd.upstream``, key ``user.<id>``),
+        stamped with who sent it. Raises :class:`BrokerUnavailable` when it is not
+        confirmed, including when no backend's queue is bound for it (returned)."""
+        now = time.time()
+        message = upstream_message(
+            user, session, event, data, message_id=self.ids.new(int(now * 1000)), now=now
         )
-        await self._publish_raw(
-            UPSTREAM_EXCHANGE,
-            f"user.{user}",
-            body,
-            message_id=self.ids.new(),
-            headers={"notifyd-user": user, "notifyd-session": session, "notifyd-event": event},
-        )
+        await self._publish(UPSTREAM_EXCHANGE, Channel.user(user).routing_key, message, True)
 
     @property
-    def connection(self) -> Any:
+    def connection(self) -> AbstractConnection | None:
         """The live AMQP connection, or None while disconnected."""
         return self._connection if self.connected.is_set() else None
 
     def send_receipt(self, notification: Notification, delivered: int) -> None:
-        """Tell the publisher how many sockets on this replica got a notification."""
-        body = dumps({
-            "id": notification.id,
-            "channel": str(notification.channel),
-            "delivered": delivered,
-            "online": delivered > 0,
-            "replica": self.replica_id,
-            "ts": int(time.time() * 1000),
-        })  # fmt: skip
-        self._spawn(self._receipt(notification.channel.routing_key, body, delivered))
+        """Tell the publisher how many sockets on this replica got a notification.
 
-    async def _receipt(self, routing_key: str, body: bytes, delivered: int) -> None:
+        Published in the background. At most :attr:`max_receipts_in_flight` await
+        RabbitMQ's confirm at once: past that a receipt is dropped and counted
+        (``notifyd_receipts_total{outcome="dropped"}``), logged once a minute.
+        """
+        if self._receipts_in_flight >= self.max_receipts_in_flight:
+            self.metrics.receipts.labels("dropped").inc()
+            if self._log_once_a_minute("receipts-dropped"):
+                log.warning(
+                    "%d receipts await RabbitMQ's confirm: further receipts are dropped "
+                    '(counted in notifyd_receipts_total{outcome="dropped"})',
+                    self._receipts_in_flight,
+                )
+            return
+        message = receipt_message(notification, delivered, self.replica_id, time.time())
+        self._receipts_in_flight += 1
+        task = self._spawn(self._receipt(notification.channel.routing_key, message, delivered))
+        # A callback, not a ``finally``: a task cancelled before it ran never runs one.
+        task.add_done_callback(self._receipt_done)
+
+    def _receipt_done(self, _: asyncio.Task[None]) -> None:
+        self._receipts_in_flight -= 1
+
+    async def _receipt(self, routing_key: str, message: aio_pika.Message, delivered: int) -> None:
         try:
-            await self._publish_raw(RECEIPTS_EXCHANGE, routing_key, body, persistent=False)
+            await self._publish(RECEIPTS_EXCHANGE, routing_key, message, mandatory=True)
         except BrokerUnavailable as exc:
             log.info("receipt not published: %s", exc)
-            metrics.RECEIPTS.labels("failed").inc()
+            self.metrics.receipts.labels("failed").inc()
         else:
-            metrics.RECEIPTS.labels("delivered" if delivered else "offline").inc()
-
-
-def notification_body(data: Any, event: str | None, max_body_size: int) -> bytes:
-    """The AMQP body of a notification, refused as the replicas would refuse it.
-
-    Checked as published, not as received: a client's or an HTTP caller's JSON
-    may grow when written again (``1e15`` becomes ``1000000000000000.0``).
-    """
-    payload: dict[str, Any] = {"data": data}
-    if event is not None:
-        payload["event"] = event
-    try:
-        body = dumps(payload)
-    except JSONEncodeError:
-        raise ProtocolError("too_deep", "'data' is nested too deeply") from None
-    if len(body) > max_body_size:
-        raise ProtocolError(
-            "too_big",
-            f"the notification is {len(body)} bytes as published; the limit is "
-            f"{max_body_size} ([amqp] max_body_size)",
-        )
-    return body
+            self.metrics.receipts.labels("delivered" if delivered else "offline").inc()
 
 
 def _as_policy(arguments: dict[str, Any]) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def _upstream(args: argparse.Namespace) -> int:
     """Print what clients ``send`` as JSON lines: the example backend consumer."""
     import aio_pika
 
-    from .broker import UPSTREAM_EXCHANGE
+    from .amqp import UPSTREAM_EXCHANGE
 
     url = args.amqp_url or _settings(args).amqp.node_urls[0]
 
@@ -158,6 +158,42 @@ def _upstream(args: argparse.Namespace) -> int:
         print(f"notifyd upstream: cannot reach RabbitMQ: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _webpush(args: argparse.Namespace) -> int:
+    """Deliver notifications for offline users as Web Push (or make a VAPID key)."""
+    from .vapid import b64url_encode, generate_private_key, private_key_pem, public_key_bytes
+
+    if args.generate_vapid_key:
+        key = generate_private_key()
+        print(private_key_pem(key), end="")
+        print(
+            f"applicationServerKey (public): {b64url_encode(public_key_bytes(key))}\n"
+            "set [webpush] vapid_private_key to the PEM above (a file path or its text)",
+            file=sys.stderr,
+        )
+        return 0
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.amqp_url is not None:
+        overrides["amqp"] = {"url": args.amqp_url, "urls": []}
+    if args.database_url is not None:
+        overrides["webpush"] = {"database_url": args.database_url}
+    settings = _settings(args, overrides)
+    from .webpush import serve_worker
+
+    try:
+        asyncio.run(serve_worker(settings))
+    except OSError as exc:
+        print(f"notifyd webpush: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _listen(args: argparse.Namespace) -> int:
+    """Print a user's notifications as JSON lines (notifyd.client)."""
+    from .listen import run
+
+    return run(args)
 
 
 def _dev_broker(args: argparse.Namespace) -> int:
@@ -216,6 +252,33 @@ def parser() -> argparse.ArgumentParser:
 
     check = with_config(commands.add_parser("check-config", help="validate and print the settings"))
     check.set_defaults(func=_check_config)
+
+    webpush = with_config(
+        commands.add_parser(
+            "webpush", help="deliver notifications for offline users as Web Push ([webpush])"
+        )
+    )
+    webpush.add_argument(
+        "--generate-vapid-key",
+        action="store_true",
+        help="print a new VAPID private key (PEM) and exit; its public key goes to stderr",
+    )
+    webpush.add_argument("--amqp-url", help="[amqp] url")
+    webpush.add_argument("--database-url", help="[webpush] database_url")
+    webpush.set_defaults(func=_webpush)
+
+    listen = with_config(
+        commands.add_parser("listen", help="print a user's notifications (JSON lines)")
+    )
+    listen.add_argument("--user", help="user id to mint a dev token for (HS*)")
+    listen.add_argument(
+        "--topic", action="append", help="a topic to read (repeat for more); 'news' or 'topic:news'"
+    )
+    listen.add_argument("--url", default="ws://127.0.0.1:8080/ws", help="notifyd's WebSocket URL")
+    listen.add_argument("--token", help="use this JWT instead of minting one")
+    listen.add_argument("--secret", help="HS secret to mint with (default: [auth] secret)")
+    listen.add_argument("--ttl", type=int, default=3600, help="minted token lifetime, s")
+    listen.set_defaults(func=_listen)
 
     dev = commands.add_parser(
         "dev-broker", help="run a private local RabbitMQ node for development"

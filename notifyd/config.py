@@ -72,6 +72,12 @@ class AmqpSettings:
     #: Bounds of the dead-letter queue notifyd.dead (oldest dropped first); 0: no bound.
     dead_letter_max_length: int = 100_000
     dead_letter_max_bytes: int = 104_857_600
+    #: Declare the queue notifyd.offline (bound ``#`` to the exchange notifyd.offline),
+    #: so that offline notifications are kept until e.g. ``notifyd webpush`` takes them.
+    offline_queue: bool = True
+    #: Bound of the queues notifyd.unrouted and notifyd.offline (oldest dropped first):
+    #: with no replica or no offline consumer running they would grow without end. 0: none.
+    offline_max_length: int = 1_000_000
 
     @property
     def node_urls(self) -> tuple[str, ...]:
@@ -159,6 +165,65 @@ class DemoSettings:
 
 
 @dataclass(frozen=True)
+class ClusterSettings:
+    """What the replicas tell each other on ``notifyd.cluster`` (see notifyd.cluster)."""
+
+    #: Seconds between a replica's beacons; one that misses 3 is presumed gone.
+    beacon_interval: float = 2.0
+    #: Seconds a cluster query (/api/presence, /api/stats) waits for every live
+    #: replica's answer; past it, the answer says which replicas are missing.
+    query_timeout: float = 0.25
+    #: Seconds the stream notifyd.presence.log keeps presence transitions (x-max-age):
+    #: how far back a replica that takes over the transitions looks for who is online.
+    presence_log_max_age: float = 86_400.0
+
+
+#: Push services of the major browsers (Chrome/Edge/Opera via FCM, Firefox, Windows,
+#: Safari): a host name, or a suffix starting with a dot.
+PUSH_SERVICE_HOSTS: tuple[str, ...] = (
+    "fcm.googleapis.com",
+    "android.googleapis.com",
+    ".push.services.mozilla.com",
+    ".notify.windows.com",
+    "web.push.apple.com",
+)
+
+
+@dataclass(frozen=True)
+class WebPushSettings:
+    """``notifyd webpush`` and the gateway's /api/push routes (see notifyd.webpush)."""
+
+    #: Where push subscriptions are kept: ``sqlite:///relative/path.sqlite3``,
+    #: ``sqlite:////absolute/path.sqlite3`` or ``postgresql://user:password@host/db``.
+    database_url: str = field(default="sqlite:///notifyd-push.sqlite3", metadata=_URL_WITH_PASSWORD)
+    #: The VAPID private key (RFC 8292): PEM text or a path to a PEM file. Empty: Web
+    #: Push is off (no /api/push routes, ``notifyd webpush`` refuses to start).
+    vapid_private_key: str = field(default="", metadata=_CREDENTIAL)
+    #: Contact for push services (``mailto:`` or ``https:``), the VAPID JWT's ``sub``.
+    vapid_subject: str = ""
+    #: Attempts per subscription before a notification is dead-lettered.
+    max_attempts: int = 5
+    #: Retry backoff, doubling from retry_min to retry_max seconds, with jitter.
+    retry_min: float = 1.0
+    retry_max: float = 60.0
+    #: Seconds a push service keeps a message for a device that is offline (TTL).
+    ttl: int = 86_400
+    #: RFC 8030 Urgency: "very-low", "low", "normal" or "high".
+    urgency: str = "normal"
+    #: Push requests in flight at once (also the worker's AMQP prefetch).
+    concurrency: int = 64
+    #: Seconds one request to a push service may take.
+    request_timeout: float = 10.0
+    #: Hosts a subscription endpoint may point at (a ``.suffix`` matches subdomains);
+    #: empty: any https host. Keeps users from making the worker post anywhere else.
+    endpoint_hosts: tuple[str, ...] = PUSH_SERVICE_HOSTS
+    #: Accept http:// endpoints (a local test push service only; never in production).
+    allow_http: bool = False
+    #: Subscriptions kept per user (browsers, devices); the oldest goes first.
+    max_subscriptions_per_user: int = 10
+
+
+@dataclass(frozen=True)
 class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     amqp: AmqpSettings = field(default_factory=AmqpSettings)
@@ -167,6 +232,8 @@ class Settings:
     history: HistorySettings = field(default_factory=HistorySettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     demo: DemoSettings = field(default_factory=DemoSettings)
+    webpush: WebPushSettings = field(default_factory=WebPushSettings)
+    cluster: ClusterSettings = field(default_factory=ClusterSettings)
 
     def replace(self, section: str, **values: Any) -> Settings:
         """A copy with some keys of one section changed (validated again)."""
@@ -459,6 +526,7 @@ def validate(settings: Settings) -> None:
     _check(s.amqp.max_body_size >= 64, "[amqp] max_body_size: must be at least 64")
     _check(s.amqp.dedupe_window >= 0, "[amqp] dedupe_window: must be >= 0")
     _check(s.amqp.dead_letter_max_length >= 0, "[amqp] dead_letter_max_length: must be >= 0")
+    _check(s.amqp.offline_max_length >= 0, "[amqp] offline_max_length: must be >= 0")
     _check(s.amqp.dead_letter_max_bytes >= 0, "[amqp] dead_letter_max_bytes: must be >= 0")
     _check(len(s.auth.algorithms) > 0, "[auth] algorithms: must name at least one algorithm")
     for alg in s.auth.algorithms:
@@ -512,3 +580,36 @@ def validate(settings: Settings) -> None:
         _check(len(key) >= 8, "[api] service_keys: each key must be at least 8 characters")
         problem = placeholder_problem(key)
         _check(problem is None, f"[api] service_keys: a key {problem}; {_GENERATE_HINT}")
+    _validate_webpush(s.webpush)
+    _check(s.cluster.beacon_interval > 0, "[cluster] beacon_interval: must be > 0")
+    _check(s.cluster.query_timeout > 0, "[cluster] query_timeout: must be > 0")
+    _check(s.cluster.presence_log_max_age >= 60, "[cluster] presence_log_max_age: must be >= 60")
+
+
+def _validate_webpush(w: WebPushSettings) -> None:
+    _check(
+        w.database_url.startswith(("sqlite://", "postgresql://", "postgres://")),
+        "[webpush] database_url: must be sqlite:///PATH or postgresql://...",
+    )
+    _check(
+        not w.vapid_subject or w.vapid_subject.startswith(("mailto:", "https://")),
+        "[webpush] vapid_subject: must be a mailto: or https:// URL",
+    )
+    _check(w.max_attempts >= 1, "[webpush] max_attempts: must be at least 1")
+    _check(0 < w.retry_min <= w.retry_max, "[webpush] retry_min: must be in (0, retry_max]")
+    _check(w.ttl >= 0, "[webpush] ttl: must be >= 0")
+    _check(
+        w.urgency in {"very-low", "low", "normal", "high"},
+        "[webpush] urgency: must be 'very-low', 'low', 'normal' or 'high'",
+    )
+    _check(w.concurrency >= 1, "[webpush] concurrency: must be at least 1")
+    _check(w.request_timeout > 0, "[webpush] request_timeout: must be > 0")
+    _check(
+        w.max_subscriptions_per_user >= 1,
+        "[webpush] max_subscriptions_per_user: must be at least 1",
+    )
+    for host in w.endpoint_hosts:
+        _check(
+            bool(host.strip(".")) and "/" not in host and ":" not in host.strip("[]"),
+            f"[webpush] endpoint_hosts: {host!r} is not a host name or .suffix",
+        )

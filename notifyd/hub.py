@@ -6,7 +6,10 @@ up closes itself with 4009), so one slow client never delays the others.
 
 It also decides which routing keys this replica needs from RabbitMQ: a user's
 key is wanted from their first socket and released ``linger`` seconds after the
-last one left, so a reloading tab does not churn bindings.
+last one left, so a reloading tab does not churn bindings. With ``retain`` (the
+in-memory history's window, longer than ``linger``), a released key is then wanted
+from ``retained`` bindings until ``retain`` seconds after the last socket left:
+what is published meanwhile reaches the history without the user looking online.
 """
 
 from __future__ import annotations
@@ -17,17 +20,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
-from . import metrics
+from .closes import CloseReason
 from .history import MemoryHistory, RecentIds
-from .protocol import BROADCAST, Channel, CloseCode, Notification
-
-_DROPPED_OFFLINE = metrics.NOTIFICATIONS_DROPPED.labels("offline")
-_DROPPED_EXPIRED = metrics.NOTIFICATIONS_DROPPED.labels("expired")
-_DROPPED_DUPLICATE = metrics.NOTIFICATIONS_DROPPED.labels("duplicate")
-_DROPPED_TOKEN_EXPIRED = metrics.NOTIFICATIONS_DROPPED.labels("token_expired")
-_RECEIVED = {
-    kind: metrics.NOTIFICATIONS_RECEIVED.labels(kind) for kind in ("user", "topic", "broadcast")
-}
+from .metrics import Metrics
+from .protocol import BROADCAST, Channel, Notification
 
 
 class Subscriber(Protocol):
@@ -41,7 +37,7 @@ class Subscriber(Protocol):
     def write(self, frame: bytes, seq: int, now: float) -> bool:
         """Queue one frame without blocking; False if it was not queued."""
 
-    def close_soon(self, code: int, reason: str) -> None:
+    def close_soon(self, why: CloseReason) -> None:
         """Start closing the socket; must not call back into the hub synchronously."""
 
 
@@ -61,9 +57,17 @@ class Hub:
         history: MemoryHistory | None = None,
         dedupe: RecentIds | None = None,
         on_delivered: Callable[[Notification, int], None] | None = None,
+        retain: float = 0.0,
+        retained: Bindings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.bindings = bindings
+        self.metrics = metrics if metrics is not None else Metrics()
         self.linger = linger
+        #: Bindings kept for the history only, until ``retain`` seconds after the last
+        #: socket left (None, or ``retain`` not past ``linger``: none).
+        self.retained = retained if retained is not None and retain > linger else None
+        self.retain = retain
         self.history = history
         self.dedupe = dedupe
         #: Called after each notification's fan-out with the number of sockets written.
@@ -74,9 +78,15 @@ class Hub:
         #: Keys to release and when (loop time), oldest first; one timer for all.
         self._releases: OrderedDict[str, float] = OrderedDict()
         self._release_timer: asyncio.TimerHandle | None = None
+        #: Keys released that :attr:`retained` holds, and until when, oldest first.
+        self._retains: OrderedDict[str, float] = OrderedDict()
+        self._retain_timer: asyncio.TimerHandle | None = None
         self._seq = 0
         #: Running total of sockets removed (for the collector policy).
         self.left = 0
+        #: Called with a socket and True when it joins, False when it leaves
+        #: (cluster-wide presence and per-user limit, notifyd.cluster).
+        self.on_change: Callable[[Subscriber, bool], None] | None = None
 
     # --- membership -----------------------------------------------------------------
 
@@ -117,8 +127,10 @@ class Hub:
         sockets.add(subscriber)
         for topic in subscriber.topics:
             self._join(subscriber, topic)
-        metrics.CONNECTIONS.set(len(self._all))
-        metrics.USERS_ONLINE.set(len(self._users))
+        self.metrics.connections.set(len(self._all))
+        self.metrics.users_online.set(len(self._users))
+        if self.on_change is not None:
+            self.on_change(subscriber, True)
 
     def remove(self, subscriber: Subscriber) -> None:
         if subscriber not in self._all:
@@ -133,8 +145,10 @@ class Hub:
                 self._release_later(f"user.{subscriber.user}")
         for topic in subscriber.topics:
             self._leave(subscriber, topic)
-        metrics.CONNECTIONS.set(len(self._all))
-        metrics.USERS_ONLINE.set(len(self._users))
+        self.metrics.connections.set(len(self._all))
+        self.metrics.users_online.set(len(self._users))
+        if self.on_change is not None:
+            self.on_change(subscriber, False)
 
     def subscribe(self, subscriber: Subscriber, topic: str) -> None:
         if topic not in subscriber.topics:
@@ -177,6 +191,8 @@ class Hub:
         """
         if self.linger <= 0:
             self.bindings.release(key)
+            if self.retained is not None:
+                self._retain(key, asyncio.get_running_loop().time())
             return
         loop = asyncio.get_running_loop()
         self._releases[key] = loop.time() + self.linger
@@ -195,13 +211,44 @@ class Hub:
                 return
             releases.popitem(last=False)
             self.bindings.release(key)
+            if self.retained is not None:
+                self._retain(key, due)
+
+    def _retain(self, key: str, released: float) -> None:
+        """Have :attr:`retained` hold ``key`` (released at loop time ``released``) until
+        ``retain`` seconds after its last socket left. Due times only grow, as releases'."""
+        assert self.retained is not None
+        self.retained.want(key)
+        retains = self._retains
+        retains.pop(key, None)  # from an earlier absence: to the end, with its new time
+        due = released + self.retain - self.linger
+        retains[key] = due
+        if self._retain_timer is None:
+            self._retain_timer = asyncio.get_running_loop().call_at(due, self._retain_due)
+
+    def _retain_due(self) -> None:
+        self._retain_timer = None
+        assert self.retained is not None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        retains = self._retains
+        while retains:
+            key, due = next(iter(retains.items()))
+            if due > now:
+                self._retain_timer = loop.call_at(due, self._retain_due)
+                return
+            retains.popitem(last=False)
+            # Back meanwhile, the user is bound by :attr:`bindings` (history included).
+            self.retained.release(key)
 
     def close(self) -> None:
         """Cancel pending releases (on shutdown the queue goes away anyway)."""
-        if self._release_timer is not None:
-            self._release_timer.cancel()
-            self._release_timer = None
+        for timer in (self._release_timer, self._retain_timer):
+            if timer is not None:
+                timer.cancel()
+        self._release_timer = self._retain_timer = None
         self._releases.clear()
+        self._retains.clear()
 
     # --- fan-out --------------------------------------------------------------------
 
@@ -210,12 +257,13 @@ class Hub:
         if now is None:
             now = time.time()
         channel = notification.channel
-        _RECEIVED[channel.kind].inc()
+        metrics = self.metrics
+        metrics.received[channel.kind].inc()
         if self.dedupe is not None and self.dedupe.seen(notification.id, now):
-            _DROPPED_DUPLICATE.inc()
+            metrics.dropped_duplicate.inc()
             return 0
         if notification.expires_at is not None and notification.expires_at <= now:
-            _DROPPED_EXPIRED.inc()
+            metrics.dropped_expired.inc()
             return 0
         if self.history is not None:
             seq = self.history.record(notification, now)
@@ -234,15 +282,15 @@ class Hub:
             frame = notification.frame
             for subscriber in targets:
                 if subscriber.deadline <= now:
-                    _DROPPED_TOKEN_EXPIRED.inc()
+                    metrics.dropped_token_expired.inc()
                 elif subscriber.write(frame, seq, now):
                     written += 1
         if written:
-            metrics.FRAMES_DELIVERED.inc(written)
+            metrics.frames_delivered.inc(written)
             if notification.published_at is not None:
-                metrics.DELIVERY_LATENCY.observe(max(0.0, time.time() - notification.published_at))
+                metrics.delivery_latency.observe(max(0.0, time.time() - notification.published_at))
         else:
-            _DROPPED_OFFLINE.inc()
+            metrics.dropped_offline.inc()
         if self.on_delivered is not None:
             self.on_delivered(notification, written)
         return written
@@ -255,8 +303,9 @@ class Hub:
 
     # --- control --------------------------------------------------------------------
 
-    def disconnect_user(self, user: str, code: int = CloseCode.FORBIDDEN) -> int:
+    def disconnect_user(self, user: str) -> int:
+        """Close every socket of ``user`` here (4003); returns how many."""
         sockets = self.sockets_of(user)
         for subscriber in sockets:
-            subscriber.close_soon(code, "disconnected by the backend")
+            subscriber.close_soon(CloseReason.DISCONNECTED)
         return len(sockets)

@@ -1,23 +1,22 @@
-"""The wire protocol, with no I/O: client messages in, server frames out.
+"""The WebSocket wire protocol, with no I/O: client messages in, server JSON out.
 
 Everything here is pure: parsing and validating what a client sends, naming
-channels and their AMQP routing keys, building the JSON a client receives, and
-encoding a WebSocket text frame once so that it can be written to many sockets.
+channels (and the AMQP routing key each one is), notification ids, and building
+the JSON a client receives. The frames that carry it are :mod:`notifyd.websocket`'s;
+the AMQP side of the contract is :mod:`notifyd.amqp`.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-import math
 import os
 import re
-import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeGuard
 
-from .errors import InvalidMessage, ProtocolError
+from .errors import ProtocolError
 
 try:  # orjson is an optional speed-up; the stdlib gives the same bytes for our payloads.
     import orjson
@@ -79,35 +78,74 @@ def valid_name(value: object) -> TypeGuard[str]:
     )
 
 
-ChannelKind = Literal["user", "topic", "broadcast"]
+#: ``presence`` only as what a socket subscribes to (``presence:<id>``, issue 16.3): it
+#: is never published to, and has no routing key on ``notifyd``.
+ChannelKind = Literal["user", "topic", "broadcast", "presence"]
 
 
 @dataclass(frozen=True, slots=True)
 class Channel:
-    """``user:<id>``, ``topic:<name>`` or ``broadcast``."""
+    """``user:<id>``, ``topic:<name>`` or ``broadcast``.
+
+    Make one with :meth:`user`, :meth:`topic` or :data:`BROADCAST` (which check the
+    name), or from text with :func:`parse_channel` / :func:`channel_for_routing_key`.
+    """
 
     kind: ChannelKind
     name: str = ""
+
+    @classmethod
+    def user(cls, user_id: str) -> Channel:
+        """The channel of user ``user_id``; raises ValueError unless :func:`valid_name`."""
+        return cls._named("user", user_id)
+
+    @classmethod
+    def topic(cls, name: str) -> Channel:
+        """The channel of topic ``name``; raises ValueError unless :func:`valid_name`."""
+        return cls._named("topic", name)
+
+    @classmethod
+    def _named(cls, kind: Literal["user", "topic"], name: str) -> Channel:
+        if not valid_name(name):
+            raise ValueError(
+                f"invalid {kind} name {name!r}: no '*', '#', spaces; at most "
+                f"{MAX_NAME_LENGTH} characters"
+            )
+        return cls(kind, name)
 
     def __str__(self) -> str:
         return "broadcast" if self.kind == "broadcast" else f"{self.kind}:{self.name}"
 
     @property
     def routing_key(self) -> str:
+        """Its AMQP routing key on ``notifyd``: ``user.<id>``, ``topic.<name>``, ``broadcast``."""
         return "broadcast" if self.kind == "broadcast" else f"{self.kind}.{self.name}"
 
 
 BROADCAST: Final = Channel("broadcast")
 
 
-def parse_channel(text: object) -> Channel:
-    """Parse a client-facing channel name; raises ProtocolError when invalid."""
+def _named_channel(kind: str, name: str) -> Channel | None:
+    if kind == "user" and valid_name(name):
+        return Channel("user", name)
+    if kind == "topic" and valid_name(name):
+        return Channel("topic", name)
+    return None
+
+
+def parse_channel(text: object, presence: bool = False) -> Channel:
+    """Parse a client-facing channel name (``user:<id>``, ``topic:<name>``,
+    ``broadcast``, and with ``presence`` also ``presence:<id>``); raises
+    ProtocolError ``invalid_channel`` for anything else."""
     if text == "broadcast":
         return BROADCAST
     if isinstance(text, str):
         kind, sep, name = text.partition(":")
-        if sep and kind in ("user", "topic") and valid_name(name):
-            return Channel(kind, name)  # type: ignore[arg-type]
+        channel = _named_channel(kind, name) if sep else None
+        if presence and channel is None and kind == "presence" and valid_name(name):
+            channel = Channel("presence", name)
+        if channel is not None:
+            return channel
     raise ProtocolError("invalid_channel", "channel must be user:<id>, topic:<name> or broadcast")
 
 
@@ -116,9 +154,7 @@ def channel_for_routing_key(key: str) -> Channel | None:
     if key == "broadcast":
         return BROADCAST
     kind, sep, name = key.partition(".")
-    if sep and kind in ("user", "topic") and valid_name(name):
-        return Channel(kind, name)  # type: ignore[arg-type]
-    return None
+    return _named_channel(kind, name) if sep else None
 
 
 # --- notification ids -----------------------------------------------------------------
@@ -138,6 +174,7 @@ class IdGenerator:
         self._last_rand = 0
 
     def new(self, now_ms: int | None = None) -> str:
+        """A new id for ``now_ms`` (unix ms; default: now), greater than every earlier one."""
         ms = int(time.time() * 1000) if now_ms is None else now_ms
         if ms <= self._last_ms:
             ms = self._last_ms
@@ -266,6 +303,7 @@ def _event(msg: dict[str, Any], ref: Any, required: bool) -> str | None:
 
 
 def valid_event(value: object) -> bool:
+    """Whether ``value`` may be an event name (1..64 of ``A-Za-z0-9_.:/-``)."""
     return (
         isinstance(value, str)
         and 0 < len(value) <= MAX_EVENT_LENGTH
@@ -333,9 +371,9 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     if kind == "ack":
         return Ack(_string(msg, "id", MAX_ID_LENGTH, ref), ref)
     if kind == "subscribe":
-        return Subscribe(_channel(msg, ref), ref)
+        return Subscribe(_channel(msg, ref, presence=True), ref)
     if kind == "unsubscribe":
-        return Unsubscribe(_channel(msg, ref), ref)
+        return Unsubscribe(_channel(msg, ref, presence=True), ref)
     if kind == "publish":
         channel = _channel(msg, ref)
         if channel.kind != "topic":
@@ -361,15 +399,28 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     raise ProtocolError("unknown_type", f"unknown message type {kind[:32]!r}", ref)
 
 
-def _channel(msg: dict[str, Any], ref: Any) -> Channel:
+def _channel(msg: dict[str, Any], ref: Any, presence: bool = False) -> Channel:
     try:
-        return parse_channel(msg.get("channel"))
+        return parse_channel(msg.get("channel"), presence)
     except ProtocolError as exc:
         exc.ref = ref
         raise
 
 
 # --- server -> client -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Notification:
+    """One notification, decoded once and ready to be written to many sockets."""
+
+    id: str
+    channel: Channel
+    frame: bytes
+    ts: int
+    expires_at: float | None = None
+    published_at: float | None = None
+    receipt: bool = False
 
 
 def _with_ref(payload: dict[str, Any], ref: Any) -> dict[str, Any]:
@@ -381,6 +432,7 @@ def _with_ref(payload: dict[str, Any], ref: Any) -> dict[str, Any]:
 def welcome(
     user: str, session: str, expires_at: int, heartbeat: float, resumed: bool | None
 ) -> bytes:
+    """The ``welcome`` message (JSON bytes); ``resumed`` None leaves the field out."""
     payload: dict[str, Any] = {
         "type": "welcome",
         "user": user,
@@ -394,6 +446,7 @@ def welcome(
 
 
 def error(code: str, message: str, ref: Any = None) -> bytes:
+    """An ``error`` message (JSON bytes), with the client's ``ref`` when it gave one."""
     return dumps(_with_ref({"type": "error", "code": code, "message": message}, ref))
 
 
@@ -410,6 +463,8 @@ def notification(
     ts: int,
     sender: str | None = None,
 ) -> bytes:
+    """A ``notification`` message (JSON bytes): ``event`` and ``from`` (``sender``)
+    only when given. Raises the JSON encoder's error for ``data`` it cannot write."""
     payload: dict[str, Any] = {"type": "notification", "id": notification_id, "channel": channel}
     if event is not None:
         payload["event"] = event
@@ -418,197 +473,3 @@ def notification(
     if sender is not None:
         payload["from"] = sender
     return dumps(payload)
-
-
-def text_frame(payload: bytes) -> bytes:
-    """An unmasked, uncompressed server->client text frame (RFC 6455 §5.2).
-
-    Built once per notification and written as-is to every matching socket.
-    """
-    length = len(payload)
-    if length < 126:
-        header = struct.pack("!BB", 0x81, length)
-    elif length < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 126, length)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, length)
-    return header + payload
-
-
-#: A server->client ping with no payload (the heartbeat).
-PING_FRAME: Final = b"\x89\x00"
-#: A close frame's reason fits in a control frame's 125 bytes after the 2-byte code.
-MAX_CLOSE_REASON: Final = 123
-
-
-def close_reason(reason: str) -> bytes:
-    """A close reason cut to fit a control frame, never inside a UTF-8 sequence."""
-    return reason.encode()[:MAX_CLOSE_REASON].decode(errors="ignore").encode()
-
-
-def close_frame(code: int, reason: str) -> bytes:
-    """A server->client close frame (RFC 6455 §5.5.1)."""
-    payload = code.to_bytes(2, "big") + close_reason(reason)
-    return struct.pack("!BB", 0x88, len(payload)) + payload
-
-
-# --- AMQP -> notification -------------------------------------------------------------
-
-#: Header carrying the publish time in integer milliseconds, for ``ts`` and the latency
-#: histogram (AMQP ``timestamp`` has whole seconds only; AMQP floats may be 32-bit).
-PUBLISHED_AT_HEADER: Final = "notifyd-published-ms"
-#: Header naming the user who published through a socket (set by notifyd only).
-FROM_HEADER: Final = "notifyd-from"
-#: Header asking for a delivery receipt on ``notifyd.receipts``.
-RECEIPT_HEADER: Final = "notifyd-receipt"
-CONTROL_ROUTING_KEY: Final = "control"
-
-
-@dataclass(slots=True)
-class Notification:
-    """One notification, decoded once and ready to be written to many sockets."""
-
-    id: str
-    channel: Channel
-    frame: bytes
-    ts: int
-    expires_at: float | None = None
-    published_at: float | None = None
-    receipt: bool = False
-
-
-#: Publish times past this (9999-12-31, in ms) are ignored: ``ts`` must stay an int64.
-_MAX_PUBLISHED_MS: Final = 253_402_300_799_999
-
-
-def published_time(timestamp: float | None, headers: dict[str, Any] | None) -> float | None:
-    """When a message was published (unix s): header ``notifyd-published-ms``, else
-    the AMQP ``timestamp``, else None."""
-    published_ms = (headers or {}).get(PUBLISHED_AT_HEADER)
-    if (
-        isinstance(published_ms, int)
-        and not isinstance(published_ms, bool)
-        and 0 <= published_ms <= _MAX_PUBLISHED_MS
-    ):
-        return published_ms / 1000
-    return timestamp
-
-
-def decode_notification(
-    routing_key: str,
-    body: bytes,
-    *,
-    message_id: str | None,
-    timestamp: float | None,
-    expiration: str | None,
-    headers: dict[str, Any] | None,
-    ids: IdGenerator,
-    max_body_size: int,
-    now: float,
-) -> Notification:
-    """Turn an AMQP delivery into a :class:`Notification` or raise InvalidMessage."""
-    channel = channel_for_routing_key(routing_key)
-    if channel is None:
-        raise InvalidMessage("bad_key", f"routing key {routing_key[:64]!r} is not routable")
-    if len(body) > max_body_size:
-        raise InvalidMessage("too_big", f"body of {len(body)} bytes exceeds {max_body_size}")
-    try:
-        payload = loads(body)
-    except JSONDecodeError:
-        raise InvalidMessage("not_json", "body is not JSON") from None
-    if not isinstance(payload, dict) or "data" not in payload:
-        raise InvalidMessage("bad_body", "body must be a JSON object with 'data'")
-    event = payload.get("event")
-    if event is not None and not valid_event(event):
-        raise InvalidMessage("bad_body", "'event' must be a short name")
-    if message_id is not None and (not message_id or len(message_id) > MAX_ID_LENGTH):
-        raise InvalidMessage("bad_body", "message_id must be 1..128 characters")
-    headers = headers or {}
-    published_at = published_time(timestamp, headers)
-    sent_at = published_at if published_at is not None else now
-    ts = int(sent_at * 1000)
-    notification_id = message_id or ids.new(ts)
-    expires_at = None
-    if expiration:
-        try:
-            expires_at = sent_at + int(expiration) / 1000
-        except ValueError:
-            raise InvalidMessage("bad_body", "expiration must be milliseconds") from None
-    sender = headers.get(FROM_HEADER)
-    try:
-        frame = text_frame(
-            notification(
-                notification_id,
-                str(channel),
-                event,
-                payload["data"],
-                ts,
-                sender if isinstance(sender, str) else None,
-            )
-        )
-    except JSONEncodeError:
-        # Parsed, but nested deeper than the encoder writes: refused like any bad body.
-        raise InvalidMessage("too_deep", "'data' is nested too deeply to deliver") from None
-    return Notification(
-        id=notification_id,
-        channel=channel,
-        frame=frame,
-        ts=ts,
-        expires_at=expires_at,
-        published_at=published_at,
-        receipt=bool(headers.get(RECEIPT_HEADER)),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class Disconnect:
-    """Close every socket of ``user`` (on every replica) with 4001/4003."""
-
-    user: str
-
-
-@dataclass(frozen=True, slots=True)
-class Revoke:
-    """Refuse token ids from now on and close the sockets that use them."""
-
-    token_ids: tuple[str, ...]
-    until: float
-
-
-ControlCommand = Disconnect | Revoke
-
-
-#: Revocations without ``until`` last this long after ``now`` (the message's publish time).
-DEFAULT_REVOCATION_SECONDS: Final = 86_400.0
-
-
-def decode_control(body: bytes, now: float) -> ControlCommand:
-    """``{"action":"disconnect","user":ID}`` or ``{"action":"revoke","jti":[...],"until":T}``.
-
-    ``now`` is when the message was published, when known: a revocation read again
-    later (from ``notifyd.revocations``) must not last longer for being read late.
-    """
-    try:
-        payload = loads(body)
-    except JSONDecodeError:
-        raise InvalidMessage("not_json", "control body is not JSON") from None
-    if not isinstance(payload, dict):
-        raise InvalidMessage("bad_body", "control body must be an object")
-    action = payload.get("action")
-    if action == "disconnect" and valid_name(payload.get("user")):
-        return Disconnect(payload["user"])
-    if action == "revoke":
-        token_ids = payload.get("jti")
-        if isinstance(token_ids, str):
-            token_ids = [token_ids]
-        until = payload.get("until", now + DEFAULT_REVOCATION_SECONDS)
-        if (
-            isinstance(token_ids, list)
-            and token_ids
-            and all(isinstance(t, str) and 0 < len(t) <= MAX_ID_LENGTH for t in token_ids)
-            and isinstance(until, int | float)
-            and not isinstance(until, bool)
-            and math.isfinite(until)
-        ):
-            return Revoke(tuple(token_ids), float(until))
-    raise InvalidMessage("bad_body", "control action must be disconnect{user} or revoke{jti}")

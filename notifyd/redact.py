@@ -7,8 +7,8 @@ bytes of it: with ``?token=`` or ``Authorization: Bearer`` that is a token in th
 log. :func:`install` puts a filter on aiohttp's server-side loggers that replaces
 each such record with one line naming the kind of fault and nothing the client
 sent, and lets each kind through at most once a minute, so a flood of garbage
-costs neither log volume nor secrets. :data:`SERVER_LOG`, handed to aiohttp's
-request handlers (``RUNNER_OPTIONS`` in :mod:`notifyd.app`), counts every one in
+costs neither log volume nor secrets. :func:`server_log`, handed to aiohttp's
+request handlers (:func:`notifyd.app.runner_options`), counts every one in
 ``notifyd_malformed_requests_total{kind}``, whatever the log level: aiohttp
 reports the commonest kind (a bad method on a connection's first request, e.g.
 TLS sent to the HTTP port) at DEBUG, which a logger filter never sees.
@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp.http_exceptions import (
     BadHttpMessage,
@@ -32,7 +32,8 @@ from aiohttp.http_exceptions import (
     PayloadEncodingError,
 )
 
-from . import metrics
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 #: aiohttp's parser errors, most specific first, and the ``kind`` label of each.
 KINDS: Final[tuple[tuple[type[HttpProcessingError], str], ...]] = (
@@ -70,12 +71,16 @@ def _parser_error(exc: object) -> HttpProcessingError | None:
 
 class CountingLog(logging.LoggerAdapter[logging.Logger]):
     """``aiohttp.server`` as aiohttp's request handlers see it: every malformed
-    request is counted before the level check that may drop its record."""
+    request is counted (in ``metrics``) before the level check that may drop its record."""
+
+    def __init__(self, logger: logging.Logger, metrics: Metrics) -> None:
+        super().__init__(logger)
+        self.metrics = metrics
 
     def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
         exc = _parser_error(kwargs.get("exc_info"))
         if exc is not None:
-            metrics.MALFORMED_REQUESTS.labels(_kind(exc)).inc()
+            self.metrics.malformed_requests.labels(_kind(exc)).inc()
         super().log(level, msg, *args, **kwargs)
 
 
@@ -152,5 +157,8 @@ def install() -> None:
 
 
 _FILTER: Final = RedactRequests()
-#: The logger for aiohttp's request handlers (its ``logger`` option).
-SERVER_LOG: Final = CountingLog(logging.getLogger("aiohttp.server"))
+
+
+def server_log(metrics: Metrics) -> CountingLog:
+    """The logger for aiohttp's request handlers (its ``logger`` option)."""
+    return CountingLog(logging.getLogger("aiohttp.server"), metrics)

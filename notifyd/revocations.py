@@ -17,22 +17,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
-import aiormq
+from aio_pika.abc import AbstractConnection
+from aiormq.abc import AbstractChannel as RawChannel
 
+from .amqp import CONTROL_ROUTING_KEY, EXCHANGE, REVOCATION_STREAM, Delivery, Revoke, decode_control
 from .auth import TokenVerifier
-from .broker import EXCHANGE, declare_queue
+from .broker import declare_queue, read_to_marker
 from .errors import InvalidMessage
-from .protocol import CONTROL_ROUTING_KEY, Revoke, decode_control, published_time
 
 log = logging.getLogger(__name__)
 
-REVOCATION_STREAM: Final = "notifyd.revocations"
-MARKER_HEADER: Final = "notifyd-marker"
 #: Seconds one read of the stream may take before the connection attempt is retried.
 READ_TIMEOUT: Final = 30.0
 #: Deliveries a read may hold unacknowledged (streams grant credit on acks).
@@ -40,6 +38,7 @@ _PREFETCH: Final = 1000
 
 
 def stream_arguments(max_age: float) -> dict[str, Any]:
+    """The stream's queue arguments: a stream that keeps ``max_age`` seconds."""
     return {
         "x-queue-type": "stream",
         "x-max-age": f"{max(1, int(max_age))}s",
@@ -65,8 +64,12 @@ class RevocationLog:
         self._mismatch_warned = False
         verifier.expect_shared_revocations()
 
-    async def on_connected(self, connection: Any) -> None:
-        """Declare and bind the stream (idempotent), then read it (a Broker hook)."""
+    async def on_connected(self, connection: AbstractConnection) -> None:
+        """Declare and bind the stream (idempotent), then read it (a Broker hook).
+
+        Raises TimeoutError past :data:`READ_TIMEOUT`, ConnectionError and aio-pika's
+        errors when it cannot be read (the broker then connects again).
+        """
         refused = await declare_queue(connection, REVOCATION_STREAM, stream_arguments(self.max_age))
         if refused is not None and not self._mismatch_warned:
             self._mismatch_warned = True
@@ -96,53 +99,24 @@ class RevocationLog:
         if revoked:
             self.on_revoked(revoked)
 
-    async def _read(self, raw: Any) -> tuple[set[str], int]:
+    async def _read(self, raw: RawChannel) -> tuple[set[str], int]:
         """Apply every revocation in the stream; returns the ids in force and the count read."""
-        marker = secrets.token_hex(8)
-        done = asyncio.get_running_loop().create_future()
         revoked: set[str] = set()
         read = 0
 
-        async def on_message(message: Any) -> None:
+        def handle(delivery: Delivery) -> None:
             nonlocal read
-            properties = message.header.properties
-            headers = properties.headers or {}
-            tag = message.delivery.delivery_tag
-            if MARKER_HEADER in headers:
-                if headers[MARKER_HEADER] == marker and not done.done():
-                    done.set_result(None)
-            else:
-                read += 1
-                self._apply(message.body, properties, headers, revoked)
-            # Never once the marker is in: the channel is being closed, and an ack
-            # racing that close makes RabbitMQ close the whole connection (504).
-            if tag % (_PREFETCH // 2) == 0 and not done.done():
-                with contextlib.suppress(aiormq.AMQPError, ConnectionError):
-                    await raw.basic_ack(tag, multiple=True)
+            read += 1
+            self._apply(delivery, revoked)
 
-        await raw.basic_qos(prefetch_count=_PREFETCH)
-        await raw.basic_consume(
-            REVOCATION_STREAM, on_message, arguments={"x-stream-offset": "first"}
-        )
-        # Appended after everything in the stream now: read up to it, the read is whole.
-        await raw.basic_publish(
-            b"{}",
-            exchange="",
-            routing_key=REVOCATION_STREAM,
-            properties=aiormq.spec.Basic.Properties(headers={MARKER_HEADER: marker}),
-        )
-        await done
+        await read_to_marker(raw, REVOCATION_STREAM, "first", handle, _PREFETCH)
         now = time.time()
         return {t for t in revoked if self.verifier.is_revoked(t, now)}, read
 
-    def _apply(
-        self, body: bytes, properties: Any, headers: dict[str, Any], revoked: set[str]
-    ) -> None:
-        timestamp = properties.timestamp
-        sent_at = published_time(timestamp.timestamp() if timestamp else None, headers)
+    def _apply(self, delivery: Delivery, revoked: set[str]) -> None:
         try:
             # Without its own ``until``, a revocation lasts from when it was published.
-            command = decode_control(body, sent_at or time.time())
+            command = decode_control(delivery.body, delivery.published_at or time.time())
         except InvalidMessage:
             return  # dead-lettered when it was consumed live
         # Disconnects are not kept: they concern the sockets open at the time.

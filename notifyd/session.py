@@ -26,12 +26,13 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
-from . import metrics
 from .auth import Identity
+from .closes import CloseReason
 from .errors import ProtocolError, WebSocketError
+from .metrics import Metrics
 from .protocol import (
     Ack,
     Auth,
@@ -72,9 +73,6 @@ SKIP_WINDOW: Final = 10.0
 _NO_IDS: frozenset[str] = frozenset()  # shared: an empty frozenset() is a new object each time
 _NEVER: Final = float("inf")
 
-_SLOW = metrics.NOTIFICATIONS_DROPPED.labels("slow_consumer")
-_ACCEPTED = metrics.CONNECTION_ATTEMPTS.labels("accepted")
-_RATE_LIMITED = metrics.UPSTREAM_MESSAGES.labels("any", "rate_limited")
 #: Rate-limit tokens a resume costs: each may read the shared history.
 RESUME_COST: Final = 5
 
@@ -105,6 +103,8 @@ class SessionConfig:
     max_topics: int = 100
     #: Seconds a peer has to answer a close frame before it is cut off.
     close_grace: float = 5.0
+    #: Where the sessions count (the server's; by default a registry of its own).
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 # --- actions: what the I/O layer is asked to do ---------------------------------------
@@ -153,6 +153,21 @@ class Unsubscribe_:
 
 
 @dataclass(frozen=True, slots=True)
+class Watch:
+    """Send ``user``'s presence transitions to this socket (``presence:<id>``); call
+    :meth:`Session.done` once they are routed here."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class Unwatch:
+    """Stop sending ``user``'s presence transitions (no answer needed)."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class Upstream:
     """Publish a client's ``publish``/``send`` through RabbitMQ; answer with
     :meth:`Session.done` (the notification id for a publish) or :meth:`Session.failed`."""
@@ -188,6 +203,8 @@ Action = (
     | Replay
     | Subscribe_
     | Unsubscribe_
+    | Watch
+    | Unwatch
     | Upstream
     | Acked
     | Leave
@@ -200,12 +217,6 @@ JOIN: Final = Join()
 LEAVE: Final = Leave()
 CLOSE_TRANSPORT: Final = CloseTransport()
 ABORT: Final = Abort()
-
-#: What an auth failure's reason closes a new socket with: code, reason, attempt outcome.
-_REFUSALS: Final = {
-    "expired": (CloseCode.TOKEN_EXPIRED, "token expired", "expired"),
-    "timeout": (CloseCode.AUTH_TIMEOUT, "auth timeout", "timeout"),
-}
 
 
 class Session:
@@ -241,6 +252,7 @@ class Session:
         "state",
         "topics",
         "user",
+        "watching",
     )
 
     def __init__(
@@ -259,6 +271,8 @@ class Session:
         self.deadline = _NEVER
         self.id = ""
         self.topics: set[str] = set()
+        #: Users whose ``presence:<id>`` this socket subscribed to (None: none).
+        self.watching: set[str] | None = None
         #: Frames queued for the next write (None: nothing queued).
         self.out: list[bytes] | None = None
         self.out_bytes = 0
@@ -332,7 +346,7 @@ class Session:
             log.info("protocol violation (%d) on session %s: %s", exc.code, self.id, exc.reason)
             # RFC 6455 §7.1.7: the connection is failed, not closed with a handshake;
             # the peer's frames can no longer be parsed, so nothing more is read.
-            self.close(exc.code, exc.reason, now)
+            self.close_for(CloseReason.for_violation(exc.code), now, exc.reason)
             self._end(CLOSE_TRANSPORT)
 
     def _frame(self, opcode: int, payload: bytes, now: float) -> None:
@@ -374,11 +388,11 @@ class Session:
 
     def _rate_limited(self, now: float) -> None:
         log.info("rate limit: closing user=%s session=%s", self.user, self.id)
-        _RATE_LIMITED.inc()
-        self.close(CloseCode.RATE_LIMITED, "too many messages", now)
+        self.config.metrics.rate_limited.inc()
+        self.close_for(CloseReason.RATE_LIMITED, now)
 
     def _error(self, code: str, message: str, ref: Any) -> None:
-        metrics.CLIENT_ERRORS.labels(code).inc()
+        self.config.metrics.client_errors.labels(code).inc()
         self._send(error(code, message, ref))
 
     def tick(self, now: float) -> None:
@@ -386,7 +400,7 @@ class Session:
         if self.state >= State.CLOSING:
             return
         if self.ping_outstanding:
-            metrics.HEARTBEAT_TIMEOUTS.inc()
+            self.config.metrics.heartbeat_timeouts.inc()
             log.info("no answer to ping: dropping user=%s session=%s", self.user, self.id)
             self._end(ABORT)
             return
@@ -406,7 +420,7 @@ class Session:
                 self.close_at = _NEVER
                 self._end(ABORT)  # the peer did not finish the close handshake in time
             elif self.state is State.OPEN:
-                self.close(CloseCode.TOKEN_EXPIRED, "token expired", now)
+                self.close_for(CloseReason.TOKEN_EXPIRED, now)
         if now >= self._skip_until:
             self._skip = _NO_IDS
             self._skip_until = _NEVER
@@ -428,9 +442,9 @@ class Session:
         replica; ``accepting``: False while the server drains."""
         if self.state is State.VERIFYING:
             if user_sockets >= self.config.max_connections_per_user:
-                self.refuse(CloseCode.FORBIDDEN, "too many connections", "forbidden", now)
+                self.close_for(CloseReason.TOO_MANY_CONNECTIONS, now)
             elif not accepting:
-                self.refuse(CloseCode.GOING_AWAY, "server going away", "overloaded", now)
+                self.close_for(CloseReason.NOT_ACCEPTING, now)
             else:
                 self._accept(identity, now)
         elif isinstance(self._busy, Refresh) and self.state is State.OPEN:
@@ -440,13 +454,10 @@ class Session:
 
     def refused(self, reason: str, message: str, now: float) -> None:
         """The token was refused (``reason`` is the auth failure's metric label)."""
-        metrics.AUTH_FAILURES.labels(reason).inc()
+        self.config.metrics.auth_failures.labels(reason).inc()
         if self.state <= State.VERIFYING:
             log.info("auth failed on a new socket: %s", message)
-            code, text, outcome = _REFUSALS.get(
-                reason, (CloseCode.UNAUTHORIZED, message, "unauthorized")
-            )
-            self.refuse(code, text, outcome, now)
+            self.close_for(CloseReason.for_auth_failure(reason), now, message)
         elif isinstance(self._busy, Refresh):
             ref = self._answer_ref()
             self._busy = None
@@ -486,10 +497,10 @@ class Session:
         if isinstance(busy, Subscribe):
             self._send(answer("subscribed", busy.ref, channel=str(busy.channel)))
         elif isinstance(busy, Publish):
-            metrics.UPSTREAM_MESSAGES.labels("publish", "accepted").inc()
+            self.config.metrics.upstream_messages.labels("publish", "accepted").inc()
             self._send(answer("published", busy.ref, id=result, channel=str(busy.channel)))
         elif isinstance(busy, Send):
-            metrics.UPSTREAM_MESSAGES.labels("send", "accepted").inc()
+            self.config.metrics.upstream_messages.labels("send", "accepted").inc()
             self._send(answer("sent", busy.ref))
         self._read(now)
 
@@ -503,7 +514,7 @@ class Session:
         self._busy = None
         if isinstance(busy, Publish | Send):
             kind = "publish" if isinstance(busy, Publish) else "send"
-            metrics.UPSTREAM_MESSAGES.labels(kind, outcome).inc()
+            self.config.metrics.upstream_messages.labels(kind, outcome).inc()
         self._error(code, message, busy.ref)
         self._read(now)
 
@@ -546,7 +557,7 @@ class Session:
         is cut off if it has not answered within ``grace`` seconds."""
         if self.state >= State.CLOSING:
             return
-        metrics.CLOSES.labels(str(code)).inc()
+        self.config.metrics.closes.labels(str(code)).inc()
         self._stop_writing()
         self._queue(close_frame(code, reason))
         self.state = State.CLOSING
@@ -591,10 +602,10 @@ class Session:
         self._request(action)
 
     def _overflow(self, now: float) -> None:
-        _SLOW.inc()
-        metrics.SLOW_CONSUMER_DISCONNECTS.inc()
+        self.config.metrics.dropped_slow.inc()
+        self.config.metrics.slow_consumer_disconnects.inc()
         log.info("closing slow consumer user=%s session=%s (send buffer full)", self.user, self.id)
-        self.close(CloseCode.SLOW_CONSUMER, "send buffer overflow", now, grace=2.0)
+        self.close_for(CloseReason.SLOW_CONSUMER, now)
 
     def _peer_closed(self, payload: bytes, now: float) -> None:
         """The client sent a close frame: answer it (unless it answers ours) and end."""
@@ -602,30 +613,27 @@ class Session:
             code, _ = parse_close(payload)
             self._queue(close_frame(code))
             if code == CloseCode.MESSAGE_TOO_BIG:
-                metrics.CLOSES.labels(str(code)).inc()
+                self.config.metrics.closes.labels(str(code)).inc()
         self._end(CLOSE_TRANSPORT)
         # A peer that stops reading could hold a closed transport's buffer forever.
         self.close_at = now + self.config.close_grace
 
-    def refuse(self, code: int, reason: str, outcome: str, now: float) -> None:
-        """Close a socket that is not (yet) accepted, counting the attempt's ``outcome``."""
-        metrics.CONNECTION_ATTEMPTS.labels(outcome).inc()
-        self.close(code, reason[:100], now, grace=2.0)
+    def close_for(self, why: CloseReason, now: float, detail: str = "") -> None:
+        """Close for ``why``: its code, its reason text (else ``detail``, the cause's
+        own message) and its grace; a refusal also counts the attempt's outcome."""
+        if why.outcome is not None:
+            self.config.metrics.connection_attempts.labels(why.outcome).inc()
+        self.close(why.code, why.text_for(detail), now, why.grace)
 
     def _first_message(self, opcode: int, payload: bytes, now: float) -> None:
         if opcode != OP_TEXT:
-            self.refuse(
-                CloseCode.PROTOCOL_ERROR,
-                "first message must be a JSON text frame",
-                "protocol_error",
-                now,
-            )
+            self.close_for(CloseReason.NOT_TEXT_FIRST, now)
             return
         try:
             message = parse_client_message(payload)
         except ProtocolError as exc:
             log.info("protocol error on a new socket: %s", exc.message)
-            self.refuse(CloseCode.PROTOCOL_ERROR, exc.message, "protocol_error", now)
+            self.close_for(CloseReason.BAD_FIRST_MESSAGE, now, exc.message)
             return
         if not isinstance(message, Auth):
             self.refused("missing", "first message must be {type: auth}", now)
@@ -639,7 +647,7 @@ class Session:
         self._request(Verify(token))
 
     def _accept(self, identity: Identity, now: float) -> None:
-        _ACCEPTED.inc()
+        self.config.metrics.accepted.inc()
         self.identity = identity
         self.user = identity.user
         self.deadline = identity.expires_at + self.config.leeway
@@ -696,10 +704,16 @@ class Session:
             case Ping(ref=ref):
                 self._send(answer("pong", ref))
             case Ack(id=notification_id):
-                metrics.ACKS.inc()
+                self.config.metrics.acks.inc()
                 self._request(Acked(notification_id))
             case Subscribe(channel=channel):
                 self._subscribe(message, channel)
+            case Unsubscribe(channel=channel) if channel.kind == "presence":
+                if not self.watching or channel.name not in self.watching:
+                    raise ProtocolError("not_subscribed", f"not subscribed to {channel}")
+                self.watching.discard(channel.name)
+                self._request(Unwatch(channel.name))
+                self._send(answer("unsubscribed", message.ref, channel=str(channel)))
             case Unsubscribe(channel=channel):
                 if channel.kind != "topic" or channel.name not in self.topics:
                     raise ProtocolError("not_subscribed", f"not subscribed to {channel}")
@@ -721,7 +735,7 @@ class Session:
             case Publish(channel=channel):
                 assert self.identity is not None
                 if not self.identity.publish.allows(channel.name):
-                    metrics.UPSTREAM_MESSAGES.labels("publish", "forbidden").inc()
+                    self.config.metrics.upstream_messages.labels("publish", "forbidden").inc()
                     raise ProtocolError(
                         "forbidden", f"token does not allow publishing to {channel}"
                     )
@@ -735,6 +749,9 @@ class Session:
 
     def _subscribe(self, message: Subscribe, channel: Channel) -> None:
         assert self.identity is not None
+        if channel.kind == "presence":
+            self._watch(message, channel)
+            return
         if channel.kind != "topic":
             raise ProtocolError(
                 "invalid_channel",
@@ -749,10 +766,27 @@ class Session:
         self._busy = message
         self._request(Subscribe_(channel.name))
 
+    def _watch(self, message: Subscribe, channel: Channel) -> None:
+        """``presence:<id>``: only for the users the token's ``presence`` claim lists."""
+        assert self.identity is not None
+        if channel.name not in self.identity.presence:
+            raise ProtocolError("forbidden", f"token does not allow {channel}")
+        watching = self.watching
+        if watching is None:
+            watching = self.watching = set()
+        if len(watching) >= self.config.max_topics and channel.name not in watching:
+            raise ProtocolError(
+                "too_many_topics",
+                f"a socket may subscribe to the presence of {self.config.max_topics} users",
+            )
+        watching.add(channel.name)
+        self._busy = message
+        self._request(Watch(channel.name))
+
     def _refreshed(self, identity: Identity, now: float) -> None:
         if identity.user != self.user:
             log.warning("refresh for another user on session %s: closing", self.id)
-            self.close(CloseCode.FORBIDDEN, "refresh token is for another user", now)
+            self.close_for(CloseReason.REFRESH_FOR_ANOTHER_USER, now)
             return
         self.identity = identity
         self.deadline = identity.expires_at + self.config.leeway
@@ -763,6 +797,10 @@ class Session:
         for topic in identity.topics.exact:
             if topic not in self.topics:
                 self._request(Subscribe_(topic, answer=False))
+        for user in list(self.watching or ()):
+            if user not in identity.presence:
+                self.watching.discard(user)  # type: ignore[union-attr]
+                self._request(Unwatch(user))
         self._watch_token(now)
         self._send(answer("refreshed", expires_at=int(identity.expires_at)))
 

@@ -17,32 +17,32 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-import aiormq
+from aio_pika.abc import AbstractConnection
 
-from . import metrics
+from .amqp import EXCHANGE, HISTORY_STREAM, Delivery
+from .broker import Broker, read_to_marker
 from .config import HistorySettings
 from .errors import InvalidMessage
+from .metrics import Metrics
 from .protocol import (
+    BROADCAST,
     Channel,
     IdGenerator,
     Notification,
     ResumePoint,
     channel_for_routing_key,
-    decode_notification,
     id_timestamp_ms,
 )
 
 log = logging.getLogger(__name__)
 
-STREAM_QUEUE = "notifyd.history"
-MARKER_HEADER = "notifyd-marker"
 #: Keys copied into the stream (control messages are not history).
-STREAM_BINDINGS = ("user.#", "topic.#", "broadcast")
+STREAM_BINDINGS = ("user.#", "topic.#", BROADCAST.routing_key)
+#: Deliveries one read may hold unacknowledged (streams grant credit on acks).
+PREFETCH = 2000
 #: Requests arriving within this window share one read of the stream.
 BATCH_WINDOW = 0.02
 #: Read from this long before a generated id's timestamp (clock skew between replicas).
@@ -66,9 +66,12 @@ class _Request:
 class StreamHistory:
     """Reads missed notifications for any replica's clients from the shared stream."""
 
-    def __init__(self, settings: HistorySettings, broker: Any) -> None:
+    def __init__(
+        self, settings: HistorySettings, broker: Broker, metrics: Metrics | None = None
+    ) -> None:
         self.settings = settings
         self.broker = broker
+        self.metrics = metrics if metrics is not None else Metrics()
         self._pending: list[_Request] = []
         self._flush: asyncio.TimerHandle | None = None
         self._reads: set[asyncio.Task[None]] = set()
@@ -76,13 +79,17 @@ class StreamHistory:
         # gets a fresh id here and so can never equal a client's resume point.
         self._ids = IdGenerator()
 
-    async def on_connected(self, connection: Any) -> None:
-        """Declare the stream and bind it (idempotent; every replica does the same)."""
+    async def on_connected(self, connection: AbstractConnection) -> None:
+        """Declare the stream and bind it (idempotent; every replica does the same).
+
+        A :attr:`Broker.on_connected` hook; raises aio-pika's errors (the broker then
+        reconnects).
+        """
         channel = await connection.channel()
         try:
             raw = await channel.get_underlay_channel()
             await raw.queue_declare(
-                STREAM_QUEUE,
+                HISTORY_STREAM,
                 durable=True,
                 arguments={
                     "x-queue-type": "stream",
@@ -92,14 +99,18 @@ class StreamHistory:
                 },
             )
             for key in STREAM_BINDINGS:
-                await raw.queue_bind(STREAM_QUEUE, "notifyd", routing_key=key)
+                await raw.queue_bind(HISTORY_STREAM, EXCHANGE, routing_key=key)
         finally:
             await channel.close()
 
     async def replay(
         self, since: ResumePoint, channels: list[Channel], before_seq: int | None = None
     ) -> list[Notification] | None:
-        """Everything on ``channels`` after ``since``, oldest first, or None."""
+        """Everything on ``channels`` after ``since``, oldest first, or None when the
+        stream cannot say (``since`` not found in it, or it could not be read: the
+        client is told ``resumed: false``). Reads are shared by requests arriving
+        within :data:`BATCH_WINDOW`; ``before_seq`` is not used (the stream's
+        answer ends where live delivery began). Never raises for broker trouble."""
         future: asyncio.Future[list[Notification] | None] = (
             asyncio.get_running_loop().create_future()
         )
@@ -135,7 +146,16 @@ class StreamHistory:
         return dt.datetime.fromtimestamp(min(starts), tz=dt.UTC)
 
     async def _read(self, batch: list[_Request]) -> None:
-        metrics.HISTORY_READS.inc()
+        try:
+            await self._read_batch(batch)
+        finally:
+            # Also when cancelled (closing): nobody may wait for an answer forever.
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_result(None)
+
+    async def _read_batch(self, batch: list[_Request]) -> None:
+        self.metrics.history_reads.inc()
         for attempt in range(1, READ_ATTEMPTS + 1):
             try:
                 if self.broker.connection is None:
@@ -145,10 +165,7 @@ class StreamHistory:
                 connection = self.broker.connection
                 if connection is None:
                     raise ConnectionError("not connected to RabbitMQ")
-                await asyncio.wait_for(
-                    self._read_until_marker(batch, secrets.token_hex(8), connection),
-                    READ_TIMEOUT,
-                )
+                await asyncio.wait_for(self._read_until_marker(batch, connection), READ_TIMEOUT)
             except Exception as exc:
                 if attempt < READ_ATTEMPTS:
                     # The stream member this read used went down (its consumer was
@@ -157,56 +174,43 @@ class StreamHistory:
                     await asyncio.sleep(RETRY_PAUSE)
                     continue
                 log.warning("history read for %d resuming sockets failed: %s", len(batch), exc)
-                for request in batch:
-                    if not request.future.done():
-                        request.future.set_result(None)
                 return
             log.info("history read served %d resuming sockets", len(batch))
             return
 
     async def read_gap(
-        self, connection: Any, since: float, channels: list[Channel]
+        self, connection: AbstractConnection, since: float, channels: list[Channel]
     ) -> list[Notification]:
         """Everything on ``channels`` from about ``since`` (unix s) until now, oldest first.
 
         For a replica whose queue was lost: what RabbitMQ routed meanwhile is only in
         the stream. Starts :data:`SKEW_MARGIN` early, so it repeats some of what was
-        delivered already: the hub drops those by id.
+        delivered already: the hub drops those by id. Raises TimeoutError past
+        :data:`READ_TIMEOUT`, ConnectionError and aiormq's errors when the read fails.
         """
-        metrics.HISTORY_READS.inc()
+        self.metrics.history_reads.inc()
         future: asyncio.Future[list[Notification] | None] = (
             asyncio.get_running_loop().create_future()
         )
         request = _Request(ResumePoint("", int(since * 1000)), frozenset(channels), future)
-        await asyncio.wait_for(
-            self._read_until_marker([request], secrets.token_hex(8), connection), READ_TIMEOUT
-        )
+        await asyncio.wait_for(self._read_until_marker([request], connection), READ_TIMEOUT)
         return request.missed
 
-    async def _read_until_marker(self, batch: list[_Request], marker: str, connection: Any) -> None:
+    async def _read_until_marker(
+        self, batch: list[_Request], connection: AbstractConnection
+    ) -> None:
         for request in batch:  # from scratch: this may be a second attempt
             request.missed.clear()
             request.found = not request.since.id  # a gap read has no id to look for
-        channel = await connection.channel()
-        raw = await channel.get_underlay_channel()
-        done = asyncio.get_running_loop().create_future()
         now = time.time()
         max_body = self.broker.settings.max_body_size
 
-        def handle(message: Any) -> None:
-            """Synchronous, so deliveries are handled strictly in stream order."""
-            properties = message.header.properties
-            headers = properties.headers or {}
-            if MARKER_HEADER in headers:
-                if headers[MARKER_HEADER] == marker and not done.done():
-                    done.set_result(None)
-                return  # another read's marker otherwise
-            routing_key = message.delivery.routing_key
-            channel = channel_for_routing_key(routing_key)
+        def handle(delivery: Delivery) -> None:
+            channel = channel_for_routing_key(delivery.routing_key)
             # Decoded only when a resuming socket reads its channel: most of the
             # stream is other users' traffic.
             wanting = [r for r in batch if r.found and channel in r.channels]
-            message_id = properties.message_id
+            message_id = delivery.message_id
             if message_id is not None:
                 for request in batch:
                     if not request.found and message_id == request.since.id:
@@ -214,58 +218,21 @@ class StreamHistory:
             if not wanting:
                 return
             try:
-                timestamp = properties.timestamp
-                notification = decode_notification(
-                    routing_key,
-                    message.body,
-                    message_id=message_id,
-                    timestamp=timestamp.timestamp() if timestamp is not None else None,
-                    expiration=properties.expiration,
-                    headers=headers,
-                    ids=self._ids,
-                    max_body_size=max_body,
-                    now=now,
-                )
+                notification = delivery.notification(ids=self._ids, max_body_size=max_body, now=now)
             except InvalidMessage:
                 return
             if notification.expires_at is None or notification.expires_at > now:
                 for request in wanting:
                     request.missed.append(notification)
 
-        async def on_message(message: Any) -> None:
-            handle(message)
-            tag = message.delivery.delivery_tag
-            # Never once the marker is in: the channel is being closed, and an ack
-            # racing that close makes RabbitMQ close the whole connection (504).
-            if tag % 500 == 0 and not done.done():
-                # Streams need acks to keep granting credit to the consumer.
-                with contextlib.suppress(Exception):
-                    await raw.basic_ack(tag, multiple=True)
-
-        def cancelled(_: Any) -> None:
-            # The stream member this consumer read from went down: fail now, not
-            # at READ_TIMEOUT.
-            if not done.done():
-                done.set_exception(ConnectionError("the stream consumer was cancelled"))
-
-        raw.on_consumer_cancel_callbacks.add(cancelled)
+        # The marker is sent on the reading channel, so this works before the broker
+        # reports itself connected (a recovery after a lost queue).
+        channel = await connection.channel()
         try:
-            await raw.basic_qos(prefetch_count=2000)
-            await raw.basic_consume(
-                STREAM_QUEUE,
-                on_message,
-                arguments={"x-stream-offset": self._start_offset(batch, now)},
+            raw = await channel.get_underlay_channel()
+            await read_to_marker(
+                raw, HISTORY_STREAM, self._start_offset(batch, now), handle, PREFETCH
             )
-            # Everything live so far is in the stream before this marker. Sent on the
-            # reading channel: it needs no confirm (the read waits for the marker
-            # itself) and works before the broker reports itself connected.
-            await raw.basic_publish(
-                b"{}",
-                exchange="",
-                routing_key=STREAM_QUEUE,
-                properties=aiormq.spec.Basic.Properties(headers={MARKER_HEADER: marker}),
-            )
-            await done
         finally:
             with contextlib.suppress(Exception):
                 await channel.close()
@@ -274,13 +241,18 @@ class StreamHistory:
                 request.future.set_result(_dedupe(request.missed) if request.found else None)
 
     async def close(self) -> None:
+        """Stop reading: every resume waiting for an answer gets None. Never raises."""
         if self._flush is not None:
             self._flush.cancel()
-        for task in list(self._reads):
+            self._flush = None
+        reads = list(self._reads)
+        for task in reads:
             task.cancel()
+        await asyncio.gather(*reads, return_exceptions=True)
         for request in self._pending:
             if not request.future.done():
                 request.future.set_result(None)
+        self._pending.clear()
 
 
 def _dedupe(notifications: list[Notification]) -> list[Notification]:

@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestServer
 from notifyd.app import GATEWAY, create_app, runner_options
 from notifyd.auth import mint_token
 from notifyd.config import Settings, from_mapping
+from notifyd.metrics import Metrics
 
 if TYPE_CHECKING:
     from notifyd.devbroker import RabbitNode
@@ -99,6 +100,16 @@ class Server:
         return self.app[GATEWAY]
 
     @property
+    def metrics(self) -> Metrics:
+        """This server's own metrics (no other test counts in them)."""
+        metrics: Metrics = self.gateway.metrics
+        return metrics
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """A sample of this server's registry (0 when the series does not exist yet)."""
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    @property
     def port(self) -> int:
         port = self.test_server.port
         assert port is not None, "the server is not started"
@@ -161,8 +172,9 @@ async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
         wait_ready: bool = True, url: str | None = None, **sections: dict[str, Any]
     ) -> Server:
         settings = settings_for(url or amqp_url, **sections)
-        test_server = TestServer(create_app(settings), host="127.0.0.1")
-        await test_server.start_server(**runner_options(settings))
+        app = create_app(settings)
+        test_server = TestServer(app, host="127.0.0.1")
+        await test_server.start_server(**runner_options(settings, app[GATEWAY].metrics))
         started.append(test_server)
         server = Server(test_server, session)
         if wait_ready:

@@ -13,10 +13,9 @@ from typing import Any
 
 import pytest
 import yaml
-from prometheus_client import REGISTRY
 
-import notifyd.metrics  # noqa: F401  (declares the metrics)
 from notifyd.config import from_mapping, load
+from notifyd.metrics import Metrics
 
 ROOT = Path(__file__).parent.parent
 DEPLOY = ROOT / "deploy"
@@ -39,7 +38,7 @@ def documents(path: Path) -> list[dict[str, Any]]:
 def declared_metrics() -> set[str]:
     """Sample names notifyd exposes (counters with _total, histograms with _bucket...)."""
     names = set()
-    for family in REGISTRY.collect():
+    for family in Metrics().registry.collect():
         if family.name.startswith("notifyd_"):
             names.update(sample_names(family.name, family.type))
     return names

@@ -5,7 +5,8 @@ from __future__ import annotations
 import gc
 import weakref
 
-from notifyd.gcpolicy import Action, CollectorPolicy, apply
+from notifyd.gcpolicy import Action, CollectorPolicy, TrackedObjects, apply
+from notifyd.metrics import Metrics
 
 
 def settled(open_now: int, **options: float) -> CollectorPolicy:
@@ -23,6 +24,14 @@ def test_a_connect_storm_is_frozen_without_a_scan_then_young_ones_are_collected(
     assert policy.decide(open_now=1_399, closed=0, now=1.5) is Action.YOUNG
     # Sockets that replace closed ones count as opened.
     assert policy.decide(open_now=1_399, closed=300, now=2.0) is Action.FREEZE
+
+
+def test_a_large_young_generation_is_frozen_without_a_scan() -> None:
+    # A reconnect wave's upgrades wait to be admitted before any socket opens.
+    policy = settled(1_000, young_limit=20_000)
+    assert policy.decide(open_now=1_000, closed=0, now=0.5, young=19_999) is Action.YOUNG
+    assert policy.decide(open_now=1_000, closed=0, now=1.0, young=20_000) is Action.FREEZE
+    assert policy.decide(open_now=1_000, closed=0, now=1.5, young=100) is Action.YOUNG
 
 
 def test_churn_alone_never_triggers_a_full_collection() -> None:
@@ -48,23 +57,42 @@ class _Node:
 
 
 def test_young_garbage_is_freed_and_frozen_garbage_waits_for_the_full_collection() -> None:
+    metrics = Metrics()
     try:
         young = _Node()
         young_alive = weakref.ref(young)
         del young
-        apply(Action.YOUNG)
+        apply(Action.YOUNG, metrics)
         assert young_alive() is None  # garbage among the young is freed, not frozen
 
         node = _Node()
         alive = weakref.ref(node)
-        apply(Action.FREEZE)
+        apply(Action.FREEZE, metrics)
         del node
         gc.collect()  # an ordinary collection does not see frozen objects
         assert alive() is not None
-        apply(Action.YOUNG)
+        apply(Action.YOUNG, metrics)
         assert alive() is not None
-        apply(Action.FULL)
+        apply(Action.FULL, metrics)
         assert alive() is None
         assert gc.get_freeze_count() > 0  # what is alive is frozen again
     finally:
         gc.unfreeze()
+    pauses = metrics.registry.get_sample_value
+    assert pauses("notifyd_gc_pause_seconds_count", {"action": "young"}) == 2
+    assert pauses("notifyd_gc_pause_seconds_count", {"action": "freeze"}) == 1
+    assert pauses("notifyd_gc_pause_seconds_count", {"action": "full"}) == 1
+
+
+def test_tracked_objects_are_counted_again_only_once_the_count_is_old() -> None:
+    metrics = Metrics()
+    tracked = TrackedObjects(max_age=3600)
+    metrics.gc_tracked.set_function(tracked)
+    first = metrics.registry.get_sample_value("notifyd_gc_tracked_objects")
+    assert first is not None and first > 0
+    garbage: list[list[int]] = [[] for _ in range(10_000)]  # 10k more tracked objects
+    assert metrics.registry.get_sample_value("notifyd_gc_tracked_objects") == first
+    tracked.max_age = 0
+    again = metrics.registry.get_sample_value("notifyd_gc_tracked_objects")
+    assert again is not None and again > first + 5_000  # (some of the others are gone)
+    del garbage

@@ -104,7 +104,8 @@ def test_a_stream_resume_without_a_time_reads_a_bounded_window() -> None:
     from notifyd.stream import SKEW_MARGIN, StreamHistory, _Request
 
     history = StreamHistory(
-        HistorySettings(backend="stream", max_age=3600, scan_without_time=60), broker=None
+        HistorySettings(backend="stream", max_age=3600, scan_without_time=60),
+        broker=None,  # type: ignore[arg-type]
     )
     now = 1_000_000.0
 

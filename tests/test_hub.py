@@ -6,6 +6,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from notifyd.closes import CloseReason
 from notifyd.history import MemoryHistory, RecentIds
 from notifyd.hub import Hub
 from notifyd.protocol import BROADCAST, Channel, Notification
@@ -18,15 +19,15 @@ class FakeSocket:
     deadline: float = float("inf")
     accept: bool = True
     frames: list[bytes] = field(default_factory=list)
-    closed_with: int | None = None
+    closed_with: CloseReason | None = None
 
     def write(self, frame: bytes, seq: int, now: float) -> bool:
         if self.accept:
             self.frames.append(frame)
         return self.accept
 
-    def close_soon(self, code: int, reason: str) -> None:
-        self.closed_with = code
+    def close_soon(self, why: CloseReason) -> None:
+        self.closed_with = why
 
 
 @dataclass
@@ -127,4 +128,12 @@ def test_disconnect_user_closes_only_their_sockets() -> None:
     for s in (a1, a2, b):
         hub.add(s)
     assert hub.disconnect_user("a") == 2
-    assert (a1.closed_with, a2.closed_with, b.closed_with) == (4003, 4003, None)
+    assert (a1.closed_with, a2.closed_with, b.closed_with) == (
+        CloseReason.DISCONNECTED,
+        CloseReason.DISCONNECTED,
+        None,
+    )
+    assert (CloseReason.DISCONNECTED.code, CloseReason.DISCONNECTED.text) == (
+        4003,
+        "disconnected by the backend",
+    )

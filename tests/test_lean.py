@@ -22,7 +22,8 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from notifyd.connection import Connection
-from notifyd.protocol import Channel, Notification, text_frame
+from notifyd.protocol import Channel, Notification
+from notifyd.websocket import text_frame
 
 from .conftest import (
     Server,

@@ -6,7 +6,8 @@ import asyncio
 from typing import Any
 
 from notifyd.connection import Connection
-from notifyd.protocol import Channel, Notification, text_frame
+from notifyd.protocol import Channel, Notification
+from notifyd.websocket import text_frame
 
 from .conftest import ServerFactory, new_user, raw_upgrade, token
 

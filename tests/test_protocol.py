@@ -1,38 +1,32 @@
-"""The wire protocol, without I/O: client messages, channels, ids, frames, AMQP decoding."""
+"""The WebSocket wire protocol, without I/O: client messages, channels, ids, server JSON."""
 
 from __future__ import annotations
 
 import json
-import struct
 from typing import Any
 
 import pytest
 
-from notifyd.errors import InvalidMessage, ProtocolError
+from notifyd.errors import ProtocolError
 from notifyd.protocol import (
     BROADCAST,
     Ack,
     Auth,
     Channel,
-    Disconnect,
     IdGenerator,
     Ping,
     Publish,
     Refresh,
     Resume,
     ResumePoint,
-    Revoke,
     Send,
     Subscribe,
     Unsubscribe,
     channel_for_routing_key,
-    close_frame,
-    decode_control,
-    decode_notification,
     id_timestamp_ms,
+    notification,
     parse_channel,
     parse_client_message,
-    text_frame,
     valid_name,
 )
 
@@ -80,6 +74,21 @@ def test_bad_channels(text: Any) -> None:
     with pytest.raises(ProtocolError) as refused:
         parse_channel(text)
     assert refused.value.code == "invalid_channel"
+
+
+def test_channel_factories_name_user_and_topic_channels() -> None:
+    assert Channel.user("42") == Channel("user", "42")
+    assert Channel.user("42").routing_key == "user.42"
+    assert Channel.topic("sport.tennis") == Channel("topic", "sport.tennis")
+    assert str(Channel.topic("sport.tennis")) == "topic:sport.tennis"
+
+
+@pytest.mark.parametrize("name", ["", "#", "a.*", "a b", "x" * 129, "a..b"])
+def test_channel_factories_refuse_names_that_could_widen_a_binding(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid user name"):
+        Channel.user(name)
+    with pytest.raises(ValueError, match="invalid topic name"):
+        Channel.topic(name)
 
 
 @pytest.mark.parametrize(
@@ -185,105 +194,11 @@ def test_generated_ids_are_monotonic_and_carry_their_time() -> None:
     assert id_timestamp_ms("u" * 26) is None  # not Crockford base32
 
 
-@pytest.mark.parametrize(
-    ("length", "header_size"), [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)]
-)
-def test_text_frames(length: int, header_size: int) -> None:
-    payload = b"x" * length
-    frame = text_frame(payload)
-    assert frame[0] == 0x81  # FIN + text, unmasked
-    assert len(frame) == header_size + length and frame[header_size:] == payload
-    if header_size == 2:
-        assert frame[1] == length
-    elif header_size == 4:
-        assert frame[1] == 126 and struct.unpack("!H", frame[2:4])[0] == length
-    else:
-        assert frame[1] == 127 and struct.unpack("!Q", frame[2:10])[0] == length
-
-
-def _decode(key: str, body: bytes, **kwargs: Any) -> Any:
-    options: dict[str, Any] = {
-        "message_id": None, "timestamp": None, "expiration": None, "headers": None,
-        "ids": IdGenerator(), "max_body_size": 1000, "now": 1_700_000_000.0,
+def test_notifications_carry_event_and_sender_only_when_there_is_one() -> None:
+    assert json.loads(notification("n1", "topic:a", None, [1], 5)) == {
+        "type": "notification", "id": "n1", "channel": "topic:a", "data": [1], "ts": 5,
     }  # fmt: skip
-    options.update(kwargs)
-    return decode_notification(key, body, **options)
-
-
-def _frame_json(frame: bytes) -> Any:
-    return json.loads(frame[2:] if frame[1] < 126 else frame[4:])
-
-
-def test_decode_notification() -> None:
-    notification = _decode(
-        "user.42",
-        b'{"event": "order.shipped", "data": {"order": 7}}',
-        message_id="m-1",
-        headers={"notifyd-published-ms": 1_700_000_000_123, "notifyd-from": "bob"},
-        expiration="60000",
-    )
-    assert notification.id == "m-1" and notification.channel == Channel("user", "42")
-    assert notification.ts == 1_700_000_000_123
-    assert notification.published_at == pytest.approx(1_700_000_000.123)
-    assert notification.expires_at == pytest.approx(1_700_000_060.123)
-    assert _frame_json(notification.frame) == {
-        "type": "notification", "id": "m-1", "channel": "user:42", "event": "order.shipped",
-        "data": {"order": 7}, "ts": 1_700_000_000_123, "from": "bob",
+    assert json.loads(notification("n2", "user:42", "chat", "hi", 6, sender="bob")) == {
+        "type": "notification", "id": "n2", "channel": "user:42", "event": "chat", "data": "hi",
+        "ts": 6, "from": "bob",
     }  # fmt: skip
-
-
-def test_decode_without_id_or_time_uses_a_generated_id_and_now() -> None:
-    notification = _decode("broadcast", b'{"data": null}')
-    assert id_timestamp_ms(notification.id) == 1_700_000_000_000
-    assert notification.ts == 1_700_000_000_000
-    assert _frame_json(notification.frame) == {
-        "type": "notification", "id": notification.id, "channel": "broadcast", "data": None,
-        "ts": 1_700_000_000_000,
-    }  # fmt: skip
-    stamped = _decode("topic.a", b'{"data": 1}', timestamp=1_600_000_000.0)
-    assert stamped.ts == 1_600_000_000_000
-
-
-@pytest.mark.parametrize(
-    ("key", "body", "extra", "reason"),
-    [
-        ("user.#", b'{"data": 1}', {}, "bad_key"),
-        ("nonsense", b'{"data": 1}', {}, "bad_key"),
-        ("user.42", b"x" * 1001, {}, "too_big"),
-        ("user.42", b"\xff\xfe", {}, "not_json"),
-        ("user.42", b"not json", {}, "not_json"),
-        ("user.42", b"[1, 2]", {}, "bad_body"),
-        ("user.42", b'{"event": "x"}', {}, "bad_body"),
-        ("user.42", b'{"event": "a b", "data": 1}', {}, "bad_body"),
-        ("user.42", b'{"data": 1}', {"expiration": "soon"}, "bad_body"),
-        ("user.42", b'{"data": 1}', {"message_id": "m" * 129}, "bad_body"),
-    ],
-)
-def test_undeliverable_messages(key: str, body: bytes, extra: dict[str, Any], reason: str) -> None:
-    with pytest.raises(InvalidMessage) as refused:
-        _decode(key, body, **extra)
-    assert refused.value.reason == reason
-
-
-def test_control_messages() -> None:
-    assert decode_control(b'{"action": "disconnect", "user": "42"}', 0) == Disconnect("42")
-    assert decode_control(b'{"action": "revoke", "jti": "t1"}', 100) == Revoke(("t1",), 86_500)
-    assert decode_control(b'{"action": "revoke", "jti": ["a", "b"], "until": 5}', 0) == Revoke(
-        ("a", "b"), 5
-    )
-    for bad in [b"nope", b"[]", b'{"action": "disconnect", "user": "#"}', b'{"action": "revoke", "jti": []}',
-                b'{"action": "explode"}']:  # fmt: skip
-        with pytest.raises(InvalidMessage):
-            decode_control(bad, 0)
-
-
-def test_close_frames_carry_the_code_and_a_reason_that_fits() -> None:
-    frame = close_frame(4003, "disconnected by the backend")
-    assert frame[0] == 0x88  # FIN + close, unmasked
-    assert frame[1] == len(frame) - 2 == 2 + len("disconnected by the backend")
-    assert int.from_bytes(frame[2:4], "big") == 4003
-    assert frame[4:] == b"disconnected by the backend"
-    # A control frame holds 125 bytes: the reason is cut, never in a UTF-8 sequence.
-    long = close_frame(1001, "é" * 100)
-    assert len(long) - 2 <= 125
-    assert long[4:].decode() == "é" * 61

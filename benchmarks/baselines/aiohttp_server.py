@@ -17,7 +17,7 @@ import jwt
 from aiohttp import WSMsgType, web
 
 from benchmarks.baselines import arguments, serve
-from notifyd.protocol import text_frame
+from notifyd.websocket import text_frame
 
 
 def pong(text: str) -> str | None:

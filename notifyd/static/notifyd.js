@@ -285,6 +285,95 @@ export class NotifydClient {
   ping() {
     return this.request({ type: "ping" });
   }
+
+  /** The gateway's HTTP base URL (from the WebSocket URL: ws(s)://host/ws -> http(s)://host). */
+  httpBase() {
+    const url = new URL(this.url, globalThis.location?.href);
+    url.protocol = url.protocol === "wss:" ? "https:" : url.protocol === "ws:" ? "http:" : url.protocol;
+    url.pathname = url.pathname.replace(/\/ws\/?$/, "");
+    url.search = "";
+    url.hash = "";
+    return url.href.replace(/\/$/, "");
+  }
+
+  /**
+   * Web Push for when no tab is open: register the service worker at `swUrl` (on the
+   * page's own origin, e.g. a copy of /notifyd-sw.js), subscribe with the gateway's
+   * VAPID key and register the subscription for this user. Resolves to the
+   * PushSubscription; rejects when the browser cannot or the user said no.
+   * @param {string} swUrl
+   * @param {{scope?: string}} [options]
+   */
+  async enablePush(swUrl, options = {}) {
+    const nav = globalThis.navigator;
+    if (!nav?.serviceWorker || !("PushManager" in globalThis)) {
+      throw Object.assign(new Error("this browser has no Web Push"), { code: "unsupported" });
+    }
+    const base = this.httpBase();
+    const response = await fetch(`${base}/api/push/vapid-public-key`);
+    if (!response.ok) {
+      throw Object.assign(new Error(`Web Push is not enabled on the server (${response.status})`), {
+        code: "push_disabled",
+      });
+    }
+    const { publicKey } = await response.json();
+    if (globalThis.Notification?.permission === "default") {
+      await globalThis.Notification.requestPermission();
+    }
+    const registration = await nav.serviceWorker.register(swUrl, options.scope ? { scope: options.scope } : undefined);
+    await nav.serviceWorker.ready;
+    let subscription = await registration.pushManager.getSubscription();
+    const key = base64UrlToBytes(publicKey);
+    if (subscription && !sameKey(subscription.options?.applicationServerKey, key)) {
+      await subscription.unsubscribe(); // subscribed with another (older) VAPID key
+      subscription = null;
+    }
+    if (!subscription) {
+      subscription = await registration.pushManager.subscribe({ userVisibleOnly: true, applicationServerKey: key });
+    }
+    await this.pushRequest("POST", subscription.toJSON());
+    return subscription;
+  }
+
+  /** Stop Web Push on this browser: unregister the subscription here and at the gateway. */
+  async disablePush() {
+    const registration = await globalThis.navigator?.serviceWorker?.getRegistration();
+    const subscription = await registration?.pushManager.getSubscription();
+    if (!subscription) return false;
+    await this.pushRequest("DELETE", { endpoint: subscription.endpoint });
+    return subscription.unsubscribe();
+  }
+
+  /** An authenticated request to /api/push/subscriptions with the client's token. */
+  async pushRequest(method, body) {
+    const token = await this.getToken();
+    const response = await fetch(`${this.httpBase()}/api/push/subscriptions`, {
+      method,
+      headers: { "Content-Type": "application/json", Authorization: `Bearer ${token}` },
+      body: JSON.stringify(body),
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      throw Object.assign(new Error(answer.message || `HTTP ${response.status}`), {
+        code: answer.error || "http_error",
+        status: response.status,
+      });
+    }
+    return answer;
+  }
+}
+
+/** @param {string} text base64url without padding */
+function base64UrlToBytes(text) {
+  const base64 = (text + "=".repeat((4 - (text.length % 4)) % 4)).replace(/-/g, "+").replace(/_/g, "/");
+  return Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
+}
+
+/** @param {ArrayBuffer | null | undefined} buffer @param {Uint8Array} key */
+function sameKey(buffer, key) {
+  if (!buffer) return true; // unknown: keep the subscription
+  const bytes = new Uint8Array(buffer);
+  return bytes.length === key.length && bytes.every((b, i) => b === key[i]);
 }
 
 export default NotifydClient;

@@ -1,0 +1,424 @@
+"""The AMQP side of the contract: the codec without I/O, then the broker's settling of
+what it consumes (dead letters, receipts) against a real RabbitMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import aio_pika
+import pytest
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+from notifyd.amqp import (
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    EXCHANGE,
+    RECEIPTS_EXCHANGE,
+    Delivery,
+    Disconnect,
+    Revoke,
+    dead_letter_message,
+    decode_control,
+    decode_notification,
+    notification_body,
+    notification_message,
+    published_time,
+    receipt_message,
+    upstream_message,
+)
+from notifyd.broker import Broker
+from notifyd.config import HistorySettings
+from notifyd.devbroker import RabbitNode
+from notifyd.errors import InvalidMessage, ProtocolError
+from notifyd.protocol import Channel, IdGenerator, Notification, ResumePoint, id_timestamp_ms
+from notifyd.stream import BATCH_WINDOW, StreamHistory
+
+from .conftest import AmqpPublisher, ServerFactory, amqp_publisher, new_user, receive_until
+
+NOW = 1_700_000_000.0
+
+# --- decoding --------------------------------------------------------------------------
+
+
+def _decode(key: str, body: bytes, **kwargs: Any) -> Notification:
+    options: dict[str, Any] = {
+        "message_id": None, "timestamp": None, "expiration": None, "headers": None,
+        "ids": IdGenerator(), "max_body_size": 1000, "now": NOW,
+    }  # fmt: skip
+    options.update(kwargs)
+    return decode_notification(key, body, **options)
+
+
+def _frame_json(frame: bytes) -> Any:
+    return json.loads(frame[2:] if frame[1] < 126 else frame[4:])
+
+
+def test_decode_notification() -> None:
+    notification = _decode(
+        "user.42",
+        b'{"event": "order.shipped", "data": {"order": 7}}',
+        message_id="m-1",
+        headers={"notifyd-published-ms": 1_700_000_000_123, "notifyd-from": "bob"},
+        expiration="60000",
+    )
+    assert notification.id == "m-1" and notification.channel == Channel("user", "42")
+    assert notification.ts == 1_700_000_000_123
+    assert notification.published_at == pytest.approx(1_700_000_000.123)
+    assert notification.expires_at == pytest.approx(1_700_000_060.123)
+    assert not notification.receipt
+    assert _frame_json(notification.frame) == {
+        "type": "notification", "id": "m-1", "channel": "user:42", "event": "order.shipped",
+        "data": {"order": 7}, "ts": 1_700_000_000_123, "from": "bob",
+    }  # fmt: skip
+
+
+def test_decode_without_id_or_time_uses_a_generated_id_and_now() -> None:
+    notification = _decode("broadcast", b'{"data": null}')
+    assert id_timestamp_ms(notification.id) == 1_700_000_000_000
+    assert notification.ts == 1_700_000_000_000
+    assert _frame_json(notification.frame) == {
+        "type": "notification", "id": notification.id, "channel": "broadcast", "data": None,
+        "ts": 1_700_000_000_000,
+    }  # fmt: skip
+    stamped = _decode("topic.a", b'{"data": 1}', timestamp=1_600_000_000.0)
+    assert stamped.ts == 1_600_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "extra", "reason"),
+    [
+        ("user.#", b'{"data": 1}', {}, "bad_key"),
+        ("nonsense", b'{"data": 1}', {}, "bad_key"),
+        ("control", b'{"data": 1}', {}, "bad_key"),
+        ("user.42", b"x" * 1001, {}, "too_big"),
+        ("user.42", b"\xff\xfe", {}, "not_json"),
+        ("user.42", b"not json", {}, "not_json"),
+        ("user.42", b"[1, 2]", {}, "bad_body"),
+        ("user.42", b'{"event": "x"}', {}, "bad_body"),
+        ("user.42", b'{"event": "a b", "data": 1}', {}, "bad_body"),
+        ("user.42", b'{"data": 1}', {"expiration": "soon"}, "bad_body"),
+        ("user.42", b'{"data": 1}', {"message_id": "m" * 129}, "bad_body"),
+    ],
+)
+def test_undeliverable_messages(key: str, body: bytes, extra: dict[str, Any], reason: str) -> None:
+    with pytest.raises(InvalidMessage) as refused:
+        _decode(key, body, **extra)
+    assert refused.value.reason == reason
+
+
+@pytest.mark.parametrize(
+    ("headers", "published"),
+    [
+        ({"notifyd-published-ms": 1_500_000_000_250}, 1_500_000_000.25),
+        ({"notifyd-published-ms": 10**30}, 1_000.0),  # out of range: the timestamp
+        ({"notifyd-published-ms": -1}, 1_000.0),
+        ({"notifyd-published-ms": True}, 1_000.0),
+        ({"notifyd-published-ms": "1500000000250"}, 1_000.0),
+        ({}, 1_000.0),
+        (None, 1_000.0),
+    ],
+)
+def test_the_publish_time_header_wins_over_the_timestamp_when_it_is_sane(
+    headers: dict[str, Any] | None, published: float
+) -> None:
+    assert published_time(1_000.0, headers) == published
+    assert published_time(None, {}) is None
+
+
+def _delivered(delivery: Any, properties: Basic.Properties, body: bytes) -> DeliveredMessage:
+    """What aiormq hands a consumer (no channel needed to read it)."""
+    return DeliveredMessage(delivery, ContentHeader(properties=properties), body, None)  # type: ignore[arg-type]
+
+
+def test_a_delivery_is_read_once_from_what_aiormq_hands_over() -> None:
+    sent = dt.datetime.fromtimestamp(1_600_000_000, tz=dt.UTC)
+    message = _delivered(
+        Basic.Deliver("ctag", 7, False, "notifyd", "user.42"),
+        Basic.Properties(
+            content_type="application/json",
+            message_id="m-7",
+            timestamp=sent,
+            expiration="5000",
+            headers={"notifyd-receipt": True},
+        ),
+        b'{"data": 1}',
+    )
+    delivery = Delivery.of(message)
+    assert delivery == Delivery(
+        "user.42", b'{"data": 1}', "m-7", 1_600_000_000.0, "5000",
+        {"notifyd-receipt": True}, "application/json", 7,
+    )  # fmt: skip
+    assert delivery.published_at == 1_600_000_000.0
+    notification = delivery.notification(ids=IdGenerator(), max_body_size=1000, now=NOW)
+    assert (notification.id, notification.ts, notification.receipt) == (
+        "m-7",
+        1_600_000_000_000,
+        True,
+    )
+    assert notification.expires_at == pytest.approx(1_600_000_005.0)
+
+    bare = Delivery.of(
+        _delivered(Basic.Deliver("c", 1, routing_key="broadcast"), Basic.Properties(), b"{}")
+    )
+    assert (bare.message_id, bare.timestamp, bare.headers, bare.published_at) == (
+        None,
+        None,
+        {},
+        None,
+    )
+
+
+def test_only_consumed_deliveries_are_read() -> None:
+    with pytest.raises(TypeError):
+        Delivery.of(_delivered(Basic.GetOk(1, False, "notifyd", "user.1"), Basic.Properties(), b""))
+
+
+def test_control_messages() -> None:
+    assert decode_control(b'{"action": "disconnect", "user": "42"}', 0) == Disconnect("42")
+    assert decode_control(b'{"action": "revoke", "jti": "t1"}', 100) == Revoke(("t1",), 86_500)
+    assert decode_control(b'{"action": "revoke", "jti": ["a", "b"], "until": 5}', 0) == Revoke(
+        ("a", "b"), 5
+    )
+    for bad in [b"nope", b"[]", b'{"action": "disconnect", "user": "#"}', b'{"action": "revoke", "jti": []}',
+                b'{"action": "revoke", "jti": "t", "until": true}', b'{"action": "explode"}']:  # fmt: skip
+        with pytest.raises(InvalidMessage):
+            decode_control(bad, 0)
+
+
+# --- building --------------------------------------------------------------------------
+
+
+def _as_delivered(message: aio_pika.Message, routing_key: str) -> Delivery:
+    """``message`` as a consumer would read it after RabbitMQ routed it."""
+    return Delivery.of(
+        _delivered(Basic.Deliver("c", 1, routing_key=routing_key), message.properties, message.body)
+    )
+
+
+def test_a_published_notification_decodes_to_what_was_published() -> None:
+    message = notification_message(
+        {"order": 7}, message_id="n-1", now=NOW + 0.25, event="shipped", sender="bob",
+        ttl=30, receipt=True,
+    )  # fmt: skip
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.content_type == "application/json"
+    delivery = _as_delivered(message, Channel.user("42").routing_key)
+    notification = delivery.notification(ids=IdGenerator(), max_body_size=1000, now=NOW + 9)
+    assert notification.id == "n-1" and notification.channel == Channel.user("42")
+    # The header keeps the milliseconds the AMQP timestamp drops.
+    assert notification.ts == int((NOW + 0.25) * 1000)
+    assert notification.expires_at == pytest.approx(NOW + 30.25)
+    assert notification.receipt
+    assert _frame_json(notification.frame) == {
+        "type": "notification", "id": "n-1", "channel": "user:42", "event": "shipped",
+        "data": {"order": 7}, "ts": int((NOW + 0.25) * 1000), "from": "bob",
+    }  # fmt: skip
+
+
+def test_a_plain_notification_has_no_optional_properties() -> None:
+    message = notification_message(1, message_id="n-2", now=NOW)
+    assert message.expiration is None
+    assert message.headers == {"notifyd-published-ms": int(NOW * 1000)}
+    assert json.loads(message.body) == {"data": 1}
+
+
+def test_notification_bodies_are_refused_as_the_replicas_would() -> None:
+    assert json.loads(notification_body("x", "e", 100)) == {"data": "x", "event": "e"}
+    with pytest.raises(ProtocolError) as refused:
+        notification_body("x" * 100, None, 100)
+    assert refused.value.code == "too_big"
+    notification_body("x" * 100, None)  # no limit given: not checked
+    deep: Any = []
+    for _ in range(2000):
+        deep = [deep]
+    with pytest.raises(ProtocolError) as refused:
+        notification_body(deep, None)
+    assert refused.value.code == "too_deep"
+
+
+def test_a_dead_letter_keeps_the_message_and_says_why() -> None:
+    delivery = Delivery(
+        "user.42", b"not json", "m-3", NOW, None, {"x-trace": "t1"}, "text/plain", 9
+    )
+    message = dead_letter_message(delivery, "not_json", "body is not JSON", "replica-a", NOW + 1)
+    assert message.body == b"not json"
+    assert (message.message_id, message.content_type) == ("m-3", "text/plain")
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    assert message.headers == {
+        "x-trace": "t1", "notifyd-reason": "not_json", "notifyd-detail": "body is not JSON",
+        "notifyd-routing-key": "user.42", "notifyd-replica": "replica-a",
+    }  # fmt: skip
+
+
+def test_receipts_and_upstream_messages() -> None:
+    notification = Notification("n-4", Channel.topic("room"), b"", 1)
+    receipt = receipt_message(notification, 2, "replica-a", NOW)
+    assert receipt.delivery_mode == aio_pika.DeliveryMode.NOT_PERSISTENT
+    assert json.loads(receipt.body) == {
+        "id": "n-4", "channel": "topic:room", "delivered": 2, "online": True,
+        "replica": "replica-a", "ts": int(NOW * 1000),
+    }  # fmt: skip
+    upstream = upstream_message("42", "s-1", "position", {"lat": 1}, message_id="u-1", now=NOW)
+    assert upstream.message_id == "u-1"
+    assert json.loads(upstream.body) == {
+        "user": "42", "session": "s-1", "event": "position", "data": {"lat": 1},
+        "ts": int(NOW * 1000),
+    }  # fmt: skip
+    assert upstream.headers == {
+        "notifyd-user": "42",
+        "notifyd-session": "s-1",
+        "notifyd-event": "position",
+    }
+
+
+# --- lifecycle -------------------------------------------------------------------------
+
+
+async def test_closing_the_stream_history_answers_the_reads_it_cancels() -> None:
+    """A read in progress when the history closes is cancelled and awaited, and the
+    sockets waiting on it are answered (None: not resumed) instead of left waiting."""
+    from notifyd.config import AmqpSettings
+
+    # Never connected: the read waits for the broker (up to its READ_TIMEOUT).
+    broker = Broker(AmqpSettings(), lambda _: None, lambda _: None)
+    history = StreamHistory(HistorySettings(backend="stream"), broker)
+    waiting = asyncio.ensure_future(history.replay(ResumePoint("n-1"), [Channel.user("a")]))
+    await asyncio.sleep(BATCH_WINDOW * 5)
+    assert history._reads and not waiting.done()  # the read has started
+    await history.close()
+    assert await asyncio.wait_for(waiting, 1) is None
+    assert not history._reads
+
+
+# --- against RabbitMQ ------------------------------------------------------------------
+
+
+@pytest.fixture
+def vhost(rabbit: RabbitNode) -> str:
+    """An AMQP URL to a fresh vhost of the test node: a notifyd.dead of its own."""
+    name = f"amqp-{uuid.uuid4().hex[:8]}"
+    rabbit.ctl("add_vhost", name)
+    rabbit.ctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    return rabbit.amqp_url + name
+
+
+async def _dead_letter_ids(channel: aio_pika.abc.AbstractChannel) -> list[str | None]:
+    """The message ids in notifyd.dead (taken out of it)."""
+    queue = await channel.declare_queue(DEAD_LETTER_QUEUE, passive=True)
+    ids = []
+    while (message := await queue.get(no_ack=True, fail=False)) is not None:
+        ids.append(message.message_id)
+    return ids
+
+
+async def test_a_message_is_acked_only_once_its_dead_letter_is_confirmed(
+    make_server: ServerFactory, vhost: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ refuses the dead letter (notifyd.dead is full, ``reject-publish``): the
+    bad message is not acked, so it is not lost; it comes back until RabbitMQ takes
+    its dead letter. Messages after it are delivered meanwhile."""
+    caplog.set_level(logging.WARNING)
+    async with amqp_publisher(vhost) as amqp:
+        channel = amqp.channel
+        dlx = await channel.declare_exchange(
+            DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead = await channel.declare_queue(
+            DEAD_LETTER_QUEUE,
+            durable=True,
+            arguments={"x-max-length": 1, "x-overflow": "reject-publish"},
+        )
+        await dead.bind(dlx)
+        await dlx.publish(aio_pika.Message(b"{}", message_id="filler"), "")
+        server = await make_server(url=vhost)
+        user = new_user()
+        ws, _ = await server.connect(user)
+        before = server.sample("notifyd_dead_lettered_total", {"reason": "not_json"})
+
+        await amqp.send(f"user.{user}", b"not json", message_id="poison")
+        await amqp.send(f"user.{user}", {"data": "after"})
+        assert (await receive_until(ws, "notification"))["data"] == "after"
+        await asyncio.sleep(2.5)  # refused at least twice meanwhile
+        assert [
+            r for r in caplog.records if "dead letter for message id='poison'" in r.getMessage()
+        ]
+        assert server.sample("notifyd_dead_lettered_total", {"reason": "not_json"}) == before
+
+        # Room in notifyd.dead (the filler taken out): the next attempt is taken.
+        assert await _dead_letter_ids(channel) == ["filler"]
+        deadline = time.monotonic() + 10
+        found: list[str | None] = []
+        while not found and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            found = await _dead_letter_ids(channel)
+        assert found == ["poison"]
+        assert server.sample("notifyd_dead_lettered_total", {"reason": "not_json"}) == before + 1
+        # Settled: nothing more comes back.
+        await asyncio.sleep(1.5)
+        assert await _dead_letter_ids(channel) == []
+
+
+async def test_receipts_in_flight_are_bounded(
+    make_server: ServerFactory, amqp: AmqpPublisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    server = await make_server()
+    broker: Broker = server.gateway.broker
+    broker.max_receipts_in_flight = 3
+    user = new_user()
+    receipts = await amqp.channel.declare_exchange(
+        RECEIPTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await amqp.channel.declare_queue(exclusive=True)
+    await queue.bind(receipts, f"user.{user}")
+    notification = Notification("r-1", Channel.user(user), b"", 1)
+    before = server.sample("notifyd_receipts_total", {"outcome": "dropped"})
+
+    # In one pass of the event loop: no confirm can come back in between.
+    for _ in range(10):
+        broker.send_receipt(notification, 1)
+    assert server.sample("notifyd_receipts_total", {"outcome": "dropped"}) == before + 7
+    assert len([r for r in caplog.records if "receipts await" in r.getMessage()]) == 1
+
+    deadline = time.monotonic() + 5
+    while broker._receipts_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    broker.send_receipt(notification, 1)  # room again once confirmed
+    got: list[str] = []
+    while len(got) < 4 and time.monotonic() < deadline:
+        message = await queue.get(no_ack=True, fail=False)
+        if message is None:
+            await asyncio.sleep(0.05)
+        else:
+            got.append(json.loads(message.body)["id"])
+    assert got == ["r-1"] * 4
+    assert server.sample("notifyd_receipts_total", {"outcome": "dropped"}) == before + 7
+
+
+async def test_the_gateway_publishes_with_a_ttl_and_asks_for_receipts(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
+    server = await make_server()
+    user = new_user()
+    exchange = await amqp.channel.get_exchange(EXCHANGE)
+    queue = await amqp.channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, f"user.{user}")
+    sent = await server.gateway.broker.publish(
+        Channel.user(user), "e", {"x": 1}, ttl=60, receipt=True
+    )
+    deadline = time.monotonic() + 5
+    while (message := await queue.get(no_ack=True, fail=False)) is None:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert message.message_id == sent
+    assert message.expiration == 60
+    assert message.headers["notifyd-receipt"] is True
+    assert isinstance(message.headers["notifyd-published-ms"], int)
