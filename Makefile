@@ -15,11 +15,19 @@ DEV_AMQP_PORT ?= 5672
 DEV_PORT ?= 8080
 DEV_SECRET ?= notifyd-make-run-only-1f0c4e9b2a7d6c35e8
 DEV_SERVICE_KEY ?= dev-service-key
+# Web Push for `make run` (the demo's "offline -> push" toggle): a VAPID key made once in
+# .run/ (kept until `make clean`, as browsers subscribe with its public half) and a
+# SQLite store next to it; `make run-push` runs the worker that delivers with them.
+DEV_VAPID_KEY := $(CURDIR)/.run/vapid.pem
+DEV_PUSH_ENV := NOTIFYD_WEBPUSH_VAPID_PRIVATE_KEY=$(DEV_VAPID_KEY) \
+  NOTIFYD_WEBPUSH_DATABASE_URL=sqlite:///$(CURDIR)/.run/push.sqlite3 \
+  NOTIFYD_WEBPUSH_VAPID_SUBJECT=mailto:dev@localhost
 
-.PHONY: help setup setup-test run test lint format bench clean
+.PHONY: help setup setup-test run run-push test lint format bench clean
 
 help:
 	@echo "make run    - local RabbitMQ + notifyd with the demo at http://127.0.0.1:$(DEV_PORT)/demo"
+	@echo "make run-push - next to make run: the Web Push worker for the demo's offline -> push toggle"
 	@echo "make test   - ruff, mypy and the whole test suite (real RabbitMQ, headless Chromium)"
 	@echo "make bench  - benchmarks against baselines (see benchmarks/README.md)"
 
@@ -52,11 +60,21 @@ setup-test: $(BIN)/.installed
 
 # dev-broker starts notifyd only once its own node answers AMQP, and stops both when
 # either ends; exec makes it make's child, so a SIGTERM to make alone reaches it too.
-run: setup
+run: setup $(DEV_VAPID_KEY)
 	@echo "starting RabbitMQ, then notifyd: http://127.0.0.1:$(DEV_PORT)/demo (Ctrl-C stops both)"
-	@exec env NOTIFYD_AUTH_SECRET=$(DEV_SECRET) NOTIFYD_API_SERVICE_KEYS=$(DEV_SERVICE_KEY) \
+	@exec env NOTIFYD_AUTH_SECRET=$(DEV_SECRET) NOTIFYD_API_SERVICE_KEYS=$(DEV_SERVICE_KEY) $(DEV_PUSH_ENV) \
 	  $(BIN)/notifyd dev-broker --port $(DEV_AMQP_PORT) -- \
 	  $(BIN)/notifyd serve --demo --host 127.0.0.1 --port $(DEV_PORT)
+
+$(DEV_VAPID_KEY): | $(BIN)/.installed
+	@mkdir -p $(@D)
+	@umask 077 && $(BIN)/notifyd webpush --generate-vapid-key > $@.tmp 2>/dev/null && mv $@.tmp $@
+
+# Delivers the demo's notifications for users with no tab open as Web Push (needs the
+# RabbitMQ node of a running `make run`, and a browser that reaches its push service).
+run-push: $(DEV_VAPID_KEY)
+	@exec env NOTIFYD_AMQP_URL=amqp://guest:guest@127.0.0.1:$(DEV_AMQP_PORT)/ $(DEV_PUSH_ENV) \
+	  $(BIN)/notifyd webpush
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check $(LINTED)

@@ -74,6 +74,18 @@ OFFLINE_QUEUE: Final = "notifyd.offline"
 #: Routing key :data:`UNROUTED_QUEUE` is bound with: only users' notifications.
 OFFLINE_BINDING: Final = "user.#"
 
+# --- cluster-wide presence and queries (notifyd.cluster) -----------------------------
+
+#: Fanout exchange of the replicas' beacons and queries (each replica binds a queue).
+CLUSTER_EXCHANGE: Final = "notifyd.cluster"
+#: Topic exchange of presence transitions, routing key ``user.<id>``.
+PRESENCE_EXCHANGE: Final = "notifyd.presence"
+#: Per-replica socket reports for the one aggregating replica (single active consumer).
+DELTAS_QUEUE: Final = "notifyd.presence.deltas"
+#: A stream bound to ``notifyd.presence`` (``#``): what the aggregators announced, read
+#: back by the next one (who was online when the previous one went away).
+PRESENCE_LOG: Final = "notifyd.presence.log"
+
 #: The exchanges every replica and publisher declares (idempotently), with their type.
 EXCHANGES: Final = (
     (EXCHANGE, aio_pika.ExchangeType.TOPIC),

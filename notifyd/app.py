@@ -470,10 +470,31 @@ async def demo_token(request: web.Request) -> web.Response:
         or not all(isinstance(t, str) and valid_name(t.removesuffix(".*")) for t in names)
     ):
         return _json_error(400, "bad_body", "'topics' and 'publish' must be lists of topic names")
+    # Users whose presence:<id> the demo may watch (the token's `presence` claim).
+    presence = body.get("presence") or []
+    if not isinstance(presence, list) or not all(valid_name(u) for u in presence):
+        return _json_error(400, "bad_body", "'presence' must be a list of user ids")
     if not isinstance(ttl, int) or not 10 <= ttl <= 86_400:
         return _json_error(400, "bad_body", "'ttl' must be 10..86400 seconds")
-    token = mint_token(auth.secret, user, ttl, topics, publish, algorithm=auth.algorithms[0])
+    claims = {"presence": presence} if presence else {}
+    token = mint_token(
+        auth.secret, user, ttl, topics, publish, algorithm=auth.algorithms[0], **claims
+    )
     return web.json_response({"token": token, "expires_at": int(time.time()) + ttl})
+
+
+async def demo_presence(request: web.Request) -> web.Response:
+    """Dev only: who of ``?user=`` is online now, for the demo's badges until the first
+    transition (``/api/presence`` without its service key; the demo is never for
+    production)."""
+    users = list(dict.fromkeys(request.query.getall("user", [])))
+    if not 0 < len(users) <= 20 or not all(valid_name(u) for u in users):
+        return _json_error(400, "bad_query", "name 1..20 valid user ids: ?user=a&user=b")
+    try:
+        merged, _ = await request.app[GATEWAY].cluster.presence(users)
+    except BrokerUnavailable as exc:
+        return _json_error(503, "broker_unavailable", str(exc))
+    return web.json_response({"users": merged})
 
 
 async def index(request: web.Request) -> web.Response:
@@ -511,6 +532,7 @@ def create_app(settings: Settings, replica_id: str | None = None) -> web.Applica
         app.router.add_get("/demo", demo_page)
         app.router.add_post("/demo/token", demo_token)
         app.router.add_post("/demo/publish", _publish_from_http)
+        app.router.add_get("/demo/presence", demo_presence)
         app.router.add_static("/demo/", STATIC_DIR)
     return app
 

@@ -23,6 +23,7 @@ import jwt
 from .config import AuthSettings
 from .errors import AuthError
 from .lifecycle import cancel_and_wait
+from .logs import Throttle
 from .protocol import valid_name
 
 log = logging.getLogger(__name__)
@@ -267,8 +268,6 @@ REVOCATIONS_WAIT: Final = 5.0
 #: The revocation list is swept of expired entries when it reaches this size, then
 #: at twice the size left, so that applying many revocations stays linear.
 _SWEEP_MIN: Final = 1024
-#: Seconds between two log lines about tokens that made the verifier itself fail.
-_LOG_INTERVAL: Final = 60.0
 
 
 def _key_id(token: str) -> str | None:
@@ -299,7 +298,7 @@ class TokenVerifier:
         #: Set once the shared revocation list has been read; None when revocations
         #: are only what this process is told.
         self._revocations_read: asyncio.Event | None = None
-        self._failure_logged = float("-inf")
+        self._failure_logged = Throttle()
 
     async def verify(self, token: str, now: float | None = None) -> Identity:
         """The identity ``token`` carries; any token that is not accepted raises AuthError."""
@@ -344,8 +343,7 @@ class TokenVerifier:
     def _unexpected(self, exc: Exception) -> AuthError:
         # Whatever else a hostile token makes a library raise is a refusal, never an
         # internal error; logged by type only (the text may quote the token).
-        if time.monotonic() - self._failure_logged > _LOG_INTERVAL:
-            self._failure_logged = time.monotonic()
+        if self._failure_logged.due():
             log.warning("token verification raised %s: refused", type(exc).__name__)
         return AuthError("malformed", "token could not be verified")
 

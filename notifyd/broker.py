@@ -56,6 +56,7 @@ from .amqp import (
 )
 from .config import AmqpSettings, redact_url
 from .errors import BrokerUnavailable, InvalidMessage
+from .logs import Throttle
 from .metrics import Metrics
 from .protocol import BROADCAST, Channel, IdGenerator, Notification
 from .publisher import declare_topology
@@ -423,8 +424,8 @@ class Broker:
         self._consumer_tag: str | None = None
         #: Every task this broker started: cancelled and awaited on disconnect.
         self._tasks: set[asyncio.Task[None]] = set()
-        #: ``time.monotonic()`` of the last log line per problem (once a minute each).
-        self._logged: dict[str, float] = {}
+        #: One log line per problem a minute.
+        self._logged = Throttle()
         self._dead_queue_warned = False
         #: Publish time (unix s) of the last notification consumed: where a replay
         #: starts if the queue is lost. None until the queue was first declared.
@@ -777,18 +778,10 @@ class Broker:
         with contextlib.suppress(aiormq.AMQPError, ConnectionError, RuntimeError):
             await channel.basic_ack(tag, multiple=True)
 
-    def _log_once_a_minute(self, problem: str) -> bool:
-        """Whether to log ``problem`` now: a flood must not flood the log."""
-        now = time.monotonic()
-        if now - self._logged.get(problem, float("-inf")) > 60:
-            self._logged[problem] = now
-            return True
-        return False
-
     def _dead_letter(
         self, delivery: Delivery, reason: str, detail: str, exc_info: bool = False
     ) -> None:
-        if self._log_once_a_minute(f"dead:{reason}"):
+        if self._logged.due(f"dead:{reason}"):
             log.warning(
                 "dead-lettering message id=%r key=%r: %s (%s); further %s messages are "
                 "counted in notifyd_dead_lettered_total",
@@ -822,7 +815,7 @@ class Broker:
             # drops it, as it would with its own dead-lettering.
             await self._publish(DEAD_LETTER_EXCHANGE, delivery.routing_key, message, False)
         except BrokerUnavailable as exc:
-            if self._log_once_a_minute("dead-letter-failed"):
+            if self._logged.due("dead-letter-failed"):
                 log.warning(
                     "dead letter for message id=%r not taken (%s): the message is delivered "
                     "again in %gs",
@@ -930,7 +923,7 @@ class Broker:
         """
         if self._receipts_in_flight >= self.max_receipts_in_flight:
             self.metrics.receipts.labels("dropped").inc()
-            if self._log_once_a_minute("receipts-dropped"):
+            if self._logged.due("receipts-dropped"):
                 log.warning(
                     "%d receipts await RabbitMQ's confirm: further receipts are dropped "
                     '(counted in notifyd_receipts_total{outcome="dropped"})',

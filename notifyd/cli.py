@@ -134,6 +134,7 @@ def _upstream(args: argparse.Namespace) -> int:
     import aio_pika
 
     from .amqp import UPSTREAM_EXCHANGE
+    from .protocol import Channel
 
     url = args.amqp_url or _settings(args).amqp.node_urls[0]
 
@@ -145,7 +146,8 @@ def _upstream(args: argparse.Namespace) -> int:
                 UPSTREAM_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
             )
             queue = await channel.declare_queue(exclusive=True)
-            await queue.bind(exchange, f"user.{args.user}" if args.user else "user.*")
+            key = Channel.user(args.user).routing_key if args.user else "user.*"
+            await queue.bind(exchange, key)
             print(f"listening on {UPSTREAM_EXCHANGE} (Ctrl-C to stop)", file=sys.stderr)
             async with queue.iterator() as messages:
                 async for message in messages:

@@ -44,7 +44,15 @@ from typing import Any, Final, Protocol
 import aiormq
 from pamqp.commands import Basic
 
-from .amqp import CONTROL_ROUTING_KEY, EXCHANGE, PUBLISHED_AT_HEADER
+from .amqp import (
+    CLUSTER_EXCHANGE,
+    CONTROL_ROUTING_KEY,
+    DELTAS_QUEUE,
+    EXCHANGE,
+    PRESENCE_EXCHANGE,
+    PRESENCE_LOG,
+    PUBLISHED_AT_HEADER,
+)
 from .closes import CloseReason
 from .errors import BrokerUnavailable
 from .metrics import Metrics
@@ -57,17 +65,11 @@ from .presence import (
     merge_presence,
     merge_stats,
 )
-from .protocol import IdGenerator, JSONDecodeError, dumps, loads, notification
+from .protocol import Channel, IdGenerator, JSONDecodeError, dumps, loads, notification
 from .websocket import text_frame
 
 log = logging.getLogger(__name__)
 
-CLUSTER_EXCHANGE: Final = "notifyd.cluster"
-PRESENCE_EXCHANGE: Final = "notifyd.presence"
-DELTAS_QUEUE: Final = "notifyd.presence.deltas"
-#: A stream bound to ``notifyd.presence`` (``#``): what the aggregators announced, read
-#: back by the next one (who was online when the previous one went away).
-PRESENCE_LOG: Final = "notifyd.presence.log"
 REPLY_TO: Final = "amq.rabbitmq.reply-to"
 #: Milliseconds a report waits in the deltas queue for an aggregator (older ones are
 #: stale: the next aggregator asks every replica anyway).
@@ -228,7 +230,9 @@ class ClusterLink:
         await rpc.queue_bind(self.queue_name, CLUSTER_EXCHANGE, routing_key="")
         self._bound.clear()
         for user in list(self._watchers):
-            await rpc.queue_bind(self.queue_name, PRESENCE_EXCHANGE, routing_key=f"user.{user}")
+            await rpc.queue_bind(
+                self.queue_name, PRESENCE_EXCHANGE, routing_key=Channel("user", user).routing_key
+            )
             self._bound.add(user)
         await rpc.basic_consume(REPLY_TO, self._on_reply, no_ack=True)
         await rpc.basic_consume(self.queue_name, self._on_cluster, no_ack=True)
@@ -654,7 +658,7 @@ class ClusterLink:
             try:
                 await self._publish(
                     PRESENCE_EXCHANGE,
-                    f"user.{transition.user}",
+                    Channel("user", transition.user).routing_key,
                     dumps(transition.body()),
                     message_id=self.ids.new(),
                 )
@@ -677,7 +681,11 @@ class ClusterLink:
             if user in self._bound or user not in self._watchers or rpc is None:
                 return
             try:
-                await rpc.queue_bind(self.queue_name, PRESENCE_EXCHANGE, routing_key=f"user.{user}")
+                await rpc.queue_bind(
+                    self.queue_name,
+                    PRESENCE_EXCHANGE,
+                    routing_key=Channel("user", user).routing_key,
+                )
             except (aiormq.AMQPError, ConnectionError, RuntimeError) as exc:
                 # Bound again with the others on the next connect.
                 log.info("cluster: cannot bind presence of %s now: %s", user, exc)
@@ -717,7 +725,9 @@ class ClusterLink:
             self._bound.discard(user)
             with contextlib.suppress(aiormq.AMQPError, ConnectionError, RuntimeError):
                 await rpc.queue_unbind(
-                    self.queue_name, PRESENCE_EXCHANGE, routing_key=f"user.{user}"
+                    self.queue_name,
+                    PRESENCE_EXCHANGE,
+                    routing_key=Channel("user", user).routing_key,
                 )
 
     def _deliver_presence(self, routing_key: str, raw: bytes) -> None:

@@ -160,7 +160,8 @@ class ApiSettings:
 
 @dataclass(frozen=True)
 class DemoSettings:
-    #: Serve /demo and the dev-only /demo/token and /demo/publish. Never in production.
+    #: Serve /demo and the dev-only /demo/token, /demo/publish and /demo/presence.
+    #: Never in production.
     enabled: bool = False
 
 

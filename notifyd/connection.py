@@ -37,6 +37,7 @@ from .closes import CloseReason
 from .config import Settings
 from .errors import AuthError, BrokerUnavailable, HandshakeError, ProtocolError
 from .hub import Hub
+from .logs import Throttle
 from .metrics import Metrics
 from .protocol import (
     SUBPROTOCOL,
@@ -575,7 +576,7 @@ class SocketServer:
         #: Sockets upgraded and not yet authenticated, in total and by client address.
         self.pending = 0
         self._pending_by_address: dict[str, int] = {}
-        self._pending_logged = -math.inf
+        self._pending_logged = Throttle()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -637,9 +638,7 @@ class SocketServer:
         return _TAKEN_OVER
 
     def _log_pending_limit(self, address: str) -> None:
-        now = time.monotonic()
-        if now - self._pending_logged >= 60.0:  # once a minute, not once per refusal
-            self._pending_logged = now
+        if self._pending_logged.due():  # once a minute, not once per refusal
             log.warning(
                 "refusing upgrades: %d sockets pending authentication (%d from %s)",
                 self.pending,

@@ -123,7 +123,7 @@ class Hub:
         sockets = self._users.get(subscriber.user)
         if sockets is None:
             sockets = self._users[subscriber.user] = set()
-            self._want(f"user.{subscriber.user}")
+            self._want(Channel("user", subscriber.user).routing_key)
         sockets.add(subscriber)
         for topic in subscriber.topics:
             self._join(subscriber, topic)
@@ -142,7 +142,7 @@ class Hub:
             sockets.discard(subscriber)
             if not sockets:
                 del self._users[subscriber.user]
-                self._release_later(f"user.{subscriber.user}")
+                self._release_later(Channel("user", subscriber.user).routing_key)
         for topic in subscriber.topics:
             self._leave(subscriber, topic)
         self.metrics.connections.set(len(self._all))
@@ -166,7 +166,7 @@ class Hub:
         members = self._topics.get(topic)
         if members is None:
             members = self._topics[topic] = set()
-            self._want(f"topic.{topic}")
+            self._want(Channel("topic", topic).routing_key)
         members.add(subscriber)
 
     def _leave(self, subscriber: Subscriber, topic: str) -> None:
@@ -175,7 +175,7 @@ class Hub:
             members.discard(subscriber)
             if not members:
                 del self._topics[topic]
-                self._release_later(f"topic.{topic}")
+                self._release_later(Channel("topic", topic).routing_key)
 
     def _want(self, key: str) -> None:
         if self._releases.pop(key, None) is None:

@@ -58,6 +58,7 @@ from .broker import (
 from .config import AmqpSettings
 from .errors import InvalidMessage
 from .lifecycle import cancel_and_wait
+from .logs import Throttle
 from .metrics import Metrics
 from .protocol import IdGenerator
 
@@ -122,7 +123,7 @@ class OfflineHook:
         self._tasks: set[asyncio.Task[None]] = set()
         self._restart: asyncio.Task[None] | None = None
         self._closing = False
-        self._logged: dict[str, float] = {}
+        self._logged = Throttle()
         self._warned: set[str] = set()
 
     @property
@@ -273,7 +274,7 @@ class OfflineHook:
             confirmed, problem = False, str(exc) or type(exc).__name__
         if not confirmed:
             self.metrics.offline_failed.inc()
-            if self._log_once_a_minute("failed"):
+            if self._logged.due("failed"):
                 log.warning(
                     "offline hook: cannot send message id=%r to exchange %s (%s); it is "
                     "handed back to queue %s and sent again in %gs (further failures are "
@@ -322,10 +323,3 @@ class OfflineHook:
         except _AMQP_ERRORS:
             sent = False
         self.metrics.offline_receipts.labels("sent" if sent else "failed").inc()
-
-    def _log_once_a_minute(self, problem: str) -> bool:
-        now = time.monotonic()
-        if now - self._logged.get(problem, float("-inf")) > 60:
-            self._logged[problem] = now
-            return True
-        return False

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp.http_exceptions import (
@@ -31,6 +30,8 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     PayloadEncodingError,
 )
+
+from .logs import Throttle
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -46,8 +47,6 @@ KINDS: Final[tuple[tuple[type[HttpProcessingError], str], ...]] = (
     (BadHttpMessage, "bad_message"),
     (HttpProcessingError, "bad_request"),
 )
-#: Seconds between two log lines of the same kind.
-LOG_INTERVAL: Final = 60.0
 #: The loggers aiohttp's server side writes client-supplied text to.
 LOGGERS: Final = ("aiohttp.server", "aiohttp.websocket")
 #: aiohttp.websocket's warning that quotes the client's Sec-WebSocket-Protocol values
@@ -106,20 +105,13 @@ class RedactRequests(logging.Filter):
 
     def __init__(self) -> None:
         super().__init__()
-        self._logged: dict[str, float] = {}
-
-    def _due(self, key: str) -> bool:
-        now = time.monotonic()
-        if now - self._logged.get(key, float("-inf")) < LOG_INTERVAL:
-            return False
-        self._logged[key] = now
-        return True
+        self._logged = Throttle()
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = _parser_error(record.exc_info)
         if exc is not None:
             kind = _kind(exc)
-            if not self._due(kind):
+            if not self._logged.due(kind):
                 return False
             _rewrite(
                 record,
@@ -130,7 +122,7 @@ class RedactRequests(logging.Filter):
             )
             return True
         if isinstance(record.msg, str) and _SUBPROTOCOLS_MESSAGE in record.msg:
-            if not self._due("subprotocols"):
+            if not self._logged.due("subprotocols"):
                 return False
             _rewrite(
                 record,

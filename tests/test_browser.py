@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
+
+from notifyd.vapid import generate_private_key, private_key_pem
 
 from .conftest import ServerProcess, free_port
 
@@ -44,11 +48,12 @@ async def demo(processes: Callable[..., ServerProcess]) -> ServerProcess:
     return server
 
 
-async def open_demo(browser: Browser, server: ServerProcess, user: str) -> Page:
+async def open_demo(browser: Browser, server: ServerProcess, user: str, watch: str = "") -> Page:
     page = await browser.new_page(viewport={"width": 1400, "height": 900})
     page.on("console", lambda message: print("console:", message.text))
     await page.goto(server.base + "/demo")
     await page.get_by_test_id("user").fill(user)
+    await page.get_by_test_id("watch").fill(watch)
     await page.get_by_test_id("connect").click()
     await expect(page.get_by_test_id("state")).to_have_text("open", timeout=15_000)
     return page
@@ -164,3 +169,63 @@ async def test_client_module_logic_in_the_browser(browser: Browser, demo: Server
     assert result["low"] == 250  # never below min/2
     assert result["seen"] == [False, True, False, False, False]  # 'a' forgotten after 2 more
     assert result["threw"] and result["isDefault"]
+
+
+async def test_demo_shows_the_presence_of_watched_users_live(
+    browser: Browser, processes: Callable[..., ServerProcess]
+) -> None:
+    server = processes(**DEMO_ENV, NOTIFYD_WS_BINDING_GRACE="0.5")
+    await server.wait()
+    watcher = await open_demo(browser, server, "watcher", watch="bob, carol")
+    bob_badge = watcher.locator("[data-testid=presence] li[data-user='bob'] .badge")
+    carol_badge = watcher.locator("[data-testid=presence] li[data-user='carol'] .badge")
+    # Neither has a socket: the page asked /demo/presence once it watched them.
+    await expect(bob_badge).to_have_text("offline")
+    await expect(carol_badge).to_have_text("offline")
+
+    bob = await open_demo(browser, server, "bob")
+    await expect(bob_badge).to_have_text("online", timeout=10_000)
+    await expect(bob_badge).to_have_class("badge online")
+    await expect(watcher.locator("li[data-id] .chan").first).to_have_text("presence:bob")
+    await bob.close()  # bob's last socket: offline once binding_grace has passed
+    await expect(bob_badge).to_have_text("offline", timeout=10_000)
+    await expect(carol_badge).to_have_text("offline")
+
+    # A token for a presence list that is not user ids is refused.
+    async with aiohttp.ClientSession() as http:
+        body = {"user": "watcher", "presence": ["not a user id"]}
+        async with http.post(server.base + "/demo/token", json=body) as response:
+            assert response.status == 400
+            assert "presence" in (await response.json())["message"]
+
+
+async def test_push_toggle_explains_a_server_without_vapid_key(
+    browser: Browser, demo: ServerProcess
+) -> None:
+    page = await open_demo(browser, demo, "nopush")
+    state = page.get_by_test_id("push-state")
+    await expect(state).to_contain_text("not available: the server has no VAPID key")
+    await page.get_by_test_id("push").click()
+    await expect(page.get_by_test_id("push")).not_to_be_checked()
+    await expect(page.get_by_test_id("push")).to_be_enabled()
+    await expect(state).to_contain_text("not available: the server has no VAPID key")
+
+
+async def test_push_toggle_says_why_headless_chromium_cannot_subscribe(
+    browser: Browser, processes: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    server = processes(
+        **DEMO_ENV,
+        NOTIFYD_WEBPUSH_VAPID_PRIVATE_KEY=private_key_pem(generate_private_key()),
+        NOTIFYD_WEBPUSH_DATABASE_URL=f"sqlite:///{tmp_path / 'push.sqlite3'}",
+    )
+    await server.wait()
+    page = await open_demo(browser, server, "pushy")
+    state = page.get_by_test_id("push-state")
+    await expect(state).to_contain_text("off: tick the box")
+    await page.get_by_test_id("push").click()
+    # Headless Chromium grants no notification permission (nor reaches a push
+    # service): the page says so, and leaves the box unticked, rather than hang.
+    await expect(page.get_by_test_id("push")).to_be_enabled(timeout=30_000)
+    await expect(state).to_contain_text(re.compile(r"^not available: .*permission denied"))
+    await expect(page.get_by_test_id("push")).not_to_be_checked()

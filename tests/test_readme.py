@@ -183,3 +183,14 @@ async def test_the_upstream_consumer_example(
         connection = await aio_pika.connect(amqp_url)
         async with connection:
             await (await connection.channel()).queue_delete("tracker-positions")
+
+
+def test_the_module_list_names_every_module_and_only_those() -> None:
+    start = README.index("- The package is small modules, one concept each.")
+    paragraph = README[start : README.index("\n\n", start)]
+    named = set(re.findall(r"`([a-z_]+)`", paragraph))
+    modules = {
+        path.stem for path in (ROOT / "notifyd").glob("*.py") if not path.stem.startswith("__")
+    }
+    assert not modules - named, f"missing from the README's module list: {modules - named}"
+    assert not named - modules, f"in the README's module list, not in notifyd/: {named - modules}"
