@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from aio_pika.abc import AbstractConnection
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -62,6 +63,7 @@ from .protocol import (
 )
 from .push_api import add_push_routes
 from .revocations import RevocationLog
+from .stream import StreamHistory
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +142,8 @@ class Gateway:
             metrics=self.metrics,
         )
         self.sockets.presence = self.cluster
-        self.stream: Any = None
+        self.stream: StreamHistory | None = None
         if history_settings.backend == "stream":
-            from .stream import StreamHistory
-
             self.stream = StreamHistory(settings.history, self.broker, self.metrics)
             self.sockets.replay = self.stream.replay
         self.draining = False
@@ -191,7 +191,7 @@ class Gateway:
                 closed += 1
         return closed
 
-    async def _recover_queue_gap(self, connection: Any, since: float) -> None:
+    async def _recover_queue_gap(self, connection: AbstractConnection, since: float) -> None:
         """This replica's queue was lost: deliver what was routed since ``since`` from
         the shared stream into the hub (which drops what it delivered already, by id),
         before consuming the new queue and reporting ready."""

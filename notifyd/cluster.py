@@ -42,6 +42,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 import aiormq
+from aio_pika.abc import AbstractConnection
+from aiormq.abc import AbstractChannel as RawChannel
+from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
 from .amqp import (
@@ -52,6 +55,7 @@ from .amqp import (
     PRESENCE_EXCHANGE,
     PRESENCE_LOG,
     PUBLISHED_AT_HEADER,
+    Delivery,
 )
 from .closes import CloseReason
 from .errors import BrokerUnavailable
@@ -160,15 +164,15 @@ class ClusterLink:
         self.query_timeout = query_timeout
         self.queue_type = queue_type
         self.presence_log_max_age = presence_log_max_age
-        self._connection: Any = None
+        self._connection: AbstractConnection | None = None
         self.ids = ids or IdGenerator()
         self.table = ReplicaTable(beacon_interval * MISSED_BEACONS)
         self.aggregator = PresenceAggregator(grace, max_connections_per_user)
         #: True while this replica is the active consumer of the deltas queue (and
         #: has rebuilt the state).
         self.aggregating = False
-        self._rpc: Any = None
-        self._confirm: Any = None
+        self._rpc: RawChannel | None = None
+        self._confirm: RawChannel | None = None
         self._pending: dict[str, _Pending] = {}
         #: user -> socket -> unix time it joined, in join order.
         self._opened: dict[str, dict[Member, float]] = {}
@@ -213,7 +217,7 @@ class ClusterLink:
             _, pending = await asyncio.wait(pending, timeout=1)
         self._tasks.clear()
 
-    async def on_connected(self, connection: Any) -> None:
+    async def on_connected(self, connection: AbstractConnection) -> None:
         """Declare and consume what the cluster uses (a Broker hook, on each connect)."""
         self.aggregating = False
         self.metrics.presence_aggregating.set(0)
@@ -248,7 +252,7 @@ class ClusterLink:
         self._dirty_event.set()
         await self._beacon()
 
-    async def _declare_deltas(self, connection: Any) -> None:
+    async def _declare_deltas(self, connection: AbstractConnection) -> None:
         from .broker import declare_queue
 
         arguments: dict[str, Any] = {
@@ -265,7 +269,7 @@ class ClusterLink:
                 "queue %s exists with other arguments (%s): used as it is", DELTAS_QUEUE, refused
             )
 
-    async def _declare_log(self, connection: Any, raw: Any) -> None:
+    async def _declare_log(self, connection: AbstractConnection, raw: RawChannel) -> None:
         from .broker import declare_queue
         from .revocations import stream_arguments
 
@@ -285,7 +289,7 @@ class ClusterLink:
 
         last: dict[str, bool] = {}
 
-        def handle(delivery: Any) -> None:
+        def handle(delivery: Delivery) -> None:
             try:
                 body = loads(delivery.body)
             except JSONDecodeError:
@@ -448,7 +452,7 @@ class ClusterLink:
         result = await self.query("stats")
         return merge_stats(result.answers), result
 
-    async def _on_reply(self, message: Any) -> None:
+    async def _on_reply(self, message: DeliveredMessage) -> None:
         pending = self._pending.get(message.header.properties.correlation_id or "")
         if pending is None:
             return  # late: the query is over
@@ -485,9 +489,10 @@ class ClusterLink:
 
     # --- the cluster queue ------------------------------------------------------------
 
-    async def _on_cluster(self, message: Any) -> None:
-        if message.delivery.exchange == PRESENCE_EXCHANGE:
-            self._deliver_presence(message.delivery.routing_key, message.body)
+    async def _on_cluster(self, message: DeliveredMessage) -> None:
+        deliver = message.delivery
+        if isinstance(deliver, Basic.Deliver) and deliver.exchange == PRESENCE_EXCHANGE:
+            self._deliver_presence(deliver.routing_key or "", message.body)
             return
         try:
             body = loads(message.body)
@@ -547,7 +552,7 @@ class ClusterLink:
 
     # --- aggregating ------------------------------------------------------------------
 
-    async def _on_delta(self, message: Any) -> None:
+    async def _on_delta(self, message: DeliveredMessage) -> None:
         try:
             body = loads(message.body)
         except JSONDecodeError:

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiohttp
 import aiormq
-from aio_pika.abc import AbstractConnection
+from aio_pika.abc import AbstractConnection, AbstractExchange
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 
@@ -57,7 +57,7 @@ from .broker import (
     offline_queue_arguments,
 )
 from .config import Settings, WebPushSettings, redact_url
-from .errors import ConfigError, InvalidMessage
+from .errors import BrokerUnavailable, ConfigError, InvalidMessage
 from .metrics import Metrics, process_registry
 from .protocol import IdGenerator, Notification, dumps, loads
 from .publisher import declare_topology
@@ -205,7 +205,7 @@ class WebPushWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._limit = asyncio.Semaphore(webpush.concurrency)
         self._sender: PushSender | None = None
-        self._dead_letters: Any = None
+        self._dead_letters: AbstractExchange | None = None
         self._channel: RawChannel | None = None
         #: Names this worker in the dead letters it publishes (header notifyd-replica).
         self.worker_id = f"webpush-{default_replica_id()}"
@@ -264,7 +264,7 @@ class WebPushWorker:
                 with contextlib.suppress(Exception):
                     await connection.close()
 
-    async def declare(self, connection: Any) -> None:
+    async def declare(self, connection: AbstractConnection) -> None:
         """notifyd.offline (exchange, queue, binding ``#``) and the dead-letter path."""
         channel = await connection.channel()
         try:
@@ -443,6 +443,8 @@ class WebPushWorker:
         """Publish ``delivery`` to notifyd.dlx with why (confirmed before the ack)."""
         self.metrics.dead_lettered.labels(reason).inc()
         message = dead_letter_message(delivery, reason, detail[:500], self.worker_id, time.time())
+        if self._dead_letters is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
         await self._dead_letters.publish(message, delivery.routing_key)
 
 
