@@ -55,7 +55,16 @@ from notifyd.vapid import (
 )
 from notifyd.webpush import WebPushWorker, backoff, push_payload
 
-from .conftest import Server, ServerFactory, free_port, new_user, settings_for, token
+from .conftest import (
+    Server,
+    ServerFactory,
+    amqp_publisher,
+    free_port,
+    new_user,
+    receive_until,
+    settings_for,
+    token,
+)
 
 VAPID_KEY = generate_private_key()
 VAPID_PEM = private_key_pem(VAPID_KEY)
@@ -447,6 +456,51 @@ async def test_offline_notification_arrives_encrypted_at_every_subscription(
         assert received.headers["TTL"] == "86400"
     await asyncio.sleep(0.3)
     assert push_service.requests(other) == []
+
+
+async def test_a_user_offline_on_every_replica_gets_a_push_through_the_offline_hook(
+    make_server: ServerFactory,
+    start_worker: WorkerFactory,
+    push_service: PushService,
+    database_url: str,
+    amqp_url: str,
+) -> None:
+    """End to end, nothing published to notifyd.offline by hand: two replicas, a
+    notification published to ``notifyd`` for a user online on one of them reaches
+    the socket and no push service; once the user left (and the grace is over) the
+    next one goes through the offline hook to the worker and arrives decrypted."""
+    settings = {"ws": {"binding_grace": 0.5}, "history": {"backend": "off"}}
+    push = webpush_settings(database_url)
+    replica_a = await make_server(webpush=push, **settings)
+    replica_b = await make_server(webpush=push, **settings)
+    user = new_user("roamer")
+    browser = push_service.browser()
+    await subscribe(replica_b, user, browser)
+    await start_worker(database_url)
+    async with amqp_publisher(amqp_url) as amqp:
+        ws, _ = await replica_a.connect(user)
+        await amqp.send(f"user.{user}", {"data": "live"}, message_id=f"{user}-live")
+        assert (await receive_until(ws, "notification"))["data"] == "live"
+        await ws.close()
+        replicas = (replica_a, replica_b)
+        key = f"user.{user}"
+        await wait_until_true(
+            lambda: all(key not in r.gateway.broker.bindings.bound for r in replicas)
+        )
+        await amqp.send(f"user.{user}", {"data": "away"}, message_id=f"{user}-away")
+        (received,) = await push_service.wait_for(browser, 1)
+    assert received.plaintext is not None
+    message = json.loads(received.plaintext)
+    assert (message["id"], message["data"]) == (f"{user}-away", "away")
+    await asyncio.sleep(0.3)
+    assert len(push_service.requests(browser)) == 1, "the live one was pushed too"
+
+
+async def wait_until_true(condition: Callable[[], bool], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        await asyncio.sleep(0.05)
 
 
 async def test_expired_subscriptions_are_deleted(
