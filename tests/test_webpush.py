@@ -482,11 +482,13 @@ async def test_a_user_offline_on_every_replica_gets_a_push_through_the_offline_h
         await amqp.send(f"user.{user}", {"data": "live"}, message_id=f"{user}-live")
         assert (await receive_until(ws, "notification"))["data"] == "live"
         await ws.close()
-        replicas = (replica_a, replica_b)
         key = f"user.{user}"
-        await wait_until_true(
-            lambda: all(key not in r.gateway.broker.bindings.bound for r in replicas)
-        )
+
+        async def released_everywhere() -> bool:
+            replicas = (replica_a, replica_b)
+            return all(key not in r.gateway.broker.bindings.bound for r in replicas)
+
+        await wait_until(released_everywhere)
         await amqp.send(f"user.{user}", {"data": "away"}, message_id=f"{user}-away")
         (received,) = await push_service.wait_for(browser, 1)
     assert received.plaintext is not None
@@ -494,13 +496,6 @@ async def test_a_user_offline_on_every_replica_gets_a_push_through_the_offline_h
     assert (message["id"], message["data"]) == (f"{user}-away", "away")
     await asyncio.sleep(0.3)
     assert len(push_service.requests(browser)) == 1, "the live one was pushed too"
-
-
-async def wait_until_true(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition never became true"
-        await asyncio.sleep(0.05)
 
 
 async def test_expired_subscriptions_are_deleted(
