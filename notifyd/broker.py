@@ -24,7 +24,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import aio_pika
@@ -86,6 +86,73 @@ MAX_RECEIPTS_IN_FLIGHT = 1000
 DEAD_LETTER_RETRY_PAUSE = 1.0
 
 
+#: Channel closes under way that a cancelled caller stopped waiting for.
+_closing_channels: set[asyncio.Future[Any]] = set()
+#: Seconds a closed channel's late frames are discarded while RabbitMQ has not
+#: confirmed its close (then the connection is lost anyway: heartbeats).
+_DISCARD_FOR = 60.0
+
+
+async def close_channel(channel: AbstractChannel) -> None:
+    """Close ``channel`` (no-op if closed) without ever blocking its connection;
+    never raises an AMQP error, and a cancel of the caller does not stop it half-way.
+
+    Two aiormq behaviours make a plain ``await channel.close()`` dangerous on a
+    connection that other components share:
+
+    - a cancelled ``Channel.Close`` (or any cancelled RPC) makes aiormq send a
+      second close with code 504, which RabbitMQ treats as a connection error;
+    - a closed channel stays registered until RabbitMQ's ``Close-Ok``, but nothing
+      reads its frames any more: deliveries RabbitMQ sent before it saw the close
+      (a stream read with a large prefetch) fill its ten-frame buffer, and the
+      connection's reader then waits on it forever — every channel stops.
+
+    So the close runs as a task of its own (shielded), and until RabbitMQ confirms
+    it, the channel's late frames are discarded.
+    """
+    if channel.is_closed:
+        return
+    closing = asyncio.ensure_future(_close_and_discard(channel))
+    _closing_channels.add(closing)
+    closing.add_done_callback(_closing_channels.discard)
+    await asyncio.shield(closing)
+
+
+async def _close_and_discard(channel: AbstractChannel) -> None:
+    raw: RawChannel | None = None
+    with contextlib.suppress(Exception):
+        raw = await channel.get_underlay_channel()
+    with contextlib.suppress(Exception):
+        await channel.close()
+    if raw is None:
+        return
+    connection = raw.connection
+    deadline = time.monotonic() + _DISCARD_FOR
+    while (
+        connection.channels.get(raw.number) is raw
+        and not connection.is_closed
+        and time.monotonic() < deadline
+    ):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(raw.frames.get(), 0.5)
+    # The connection's reader unregisters the channel before it queues the Close-Ok:
+    # room for that last frame.
+    while not raw.frames.empty():
+        raw.frames.get_nowait()
+
+
+@contextlib.asynccontextmanager
+async def scratch_channel(
+    connection: AbstractConnection, publisher_confirms: bool = False
+) -> AsyncIterator[AbstractChannel]:
+    """A channel for a few calls, closed afterwards by :func:`close_channel`."""
+    channel = await connection.channel(publisher_confirms=publisher_confirms)
+    try:
+        yield channel
+    finally:
+        await close_channel(channel)
+
+
 def default_replica_id() -> str:
     """``<hostname>-<pid>``: unique per process on a host, readable in RabbitMQ's UI."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -121,8 +188,7 @@ async def declare_queue(
             raw = await channel.get_underlay_channel()
             await raw.queue_bind(name, bind_to)
     finally:
-        if not channel.is_closed:
-            await channel.close()
+        await close_channel(channel)
     return refused
 
 
@@ -131,14 +197,11 @@ async def queue_exists(connection: AbstractConnection, name: str) -> bool:
 
     Raises aio-pika's errors for anything but a missing queue.
     """
-    channel = await connection.channel(publisher_confirms=False)
-    try:
-        await channel.declare_queue(name, passive=True)
-    except aiormq.exceptions.ChannelNotFoundEntity:
-        return False
-    finally:
-        if not channel.is_closed:
-            await channel.close()
+    async with scratch_channel(connection) as channel:
+        try:
+            await channel.declare_queue(name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
     return True
 
 
@@ -556,11 +619,8 @@ class Broker:
                 self.queue_name,
                 refused,
             )
-            channel = await connection.channel(publisher_confirms=False)
-            try:
+            async with scratch_channel(connection) as channel:
                 await channel.queue_delete(self.queue_name)
-            finally:
-                await channel.close()
             refused = await declare_queue(connection, self.queue_name, arguments)
             if refused is not None:
                 raise RuntimeError(f"cannot declare queue {self.queue_name}: {refused}")
@@ -646,8 +706,8 @@ class Broker:
                         self._consume_channel.basic_cancel(self._consumer_tag), 5
                     )
             with contextlib.suppress(Exception):
-                channel = await connection.channel(publisher_confirms=False)
-                await asyncio.wait_for(channel.queue_delete(self.queue_name), 5)
+                async with scratch_channel(connection) as channel:
+                    await asyncio.wait_for(channel.queue_delete(self.queue_name), 5)
         await self._disconnect()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

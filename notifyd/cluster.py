@@ -285,7 +285,7 @@ class ClusterLink:
     async def _read_log(self) -> set[str] | None:
         """The users whose last transition in ``notifyd.presence.log`` is online (None:
         it could not be read)."""
-        from .broker import read_to_marker
+        from .broker import close_channel, read_to_marker
 
         last: dict[str, bool] = {}
 
@@ -314,8 +314,7 @@ class ClusterLink:
             log.warning("cluster: cannot read %s: %r", PRESENCE_LOG, exc)
             return None
         finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
+            await close_channel(channel)
         return {user for user, online in last.items() if online}
 
     # --- local sockets ----------------------------------------------------------------

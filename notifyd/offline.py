@@ -51,8 +51,10 @@ from .amqp import (
 from .broker import (
     CONNECT_TIMEOUT,
     PUBLISH_TIMEOUT,
+    close_channel,
     declare_queue,
     offline_queue_arguments,
+    scratch_channel,
     unrouted_queue_arguments,
 )
 from .config import AmqpSettings
@@ -79,20 +81,14 @@ async def declare_offline(connection: AbstractConnection, settings: AmqpSettings
     """Exchange ``notifyd.offline`` and, with ``[amqp] offline_queue``, the queue
     ``notifyd.offline`` bound to it with ``#`` (idempotent). Returns RabbitMQ's
     explanation when the queue exists with other arguments (it is used as it is)."""
-    channel = await connection.channel(publisher_confirms=False)
-    try:
+    async with scratch_channel(connection) as channel:
         await channel.declare_exchange(OFFLINE_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    finally:
-        await channel.close()
     if not settings.offline_queue:
         return None
     refused = await declare_queue(connection, OFFLINE_QUEUE, offline_queue_arguments(settings))
-    channel = await connection.channel(publisher_confirms=False)
-    try:
+    async with scratch_channel(connection) as channel:
         raw = await channel.get_underlay_channel()
         await raw.queue_bind(OFFLINE_QUEUE, OFFLINE_EXCHANGE, routing_key="#")
-    finally:
-        await channel.close()
     return refused
 
 
@@ -232,9 +228,7 @@ class OfflineHook:
         self._consumer = self._publisher = None
         self._consumer_tag = None
         for channel in channels:
-            if not channel.is_closed:
-                with contextlib.suppress(*_AMQP_ERRORS):
-                    await asyncio.wait_for(channel.close(), 5)
+            await close_channel(channel)
 
     # --- one message ------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ know. Until the first read, tokens with a ``jti`` wait for it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -26,7 +25,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 
 from .amqp import CONTROL_ROUTING_KEY, EXCHANGE, REVOCATION_STREAM, Delivery, Revoke, decode_control
 from .auth import TokenVerifier
-from .broker import declare_queue, read_to_marker
+from .broker import declare_queue, read_to_marker, scratch_channel
 from .errors import InvalidMessage
 
 log = logging.getLogger(__name__)
@@ -80,15 +79,11 @@ class RevocationLog:
                 REVOCATION_STREAM,
                 refused,
             )
-        channel = await connection.channel()
-        try:
+        async with scratch_channel(connection) as channel:
             raw = await channel.get_underlay_channel()
             await raw.queue_bind(REVOCATION_STREAM, EXCHANGE, routing_key=CONTROL_ROUTING_KEY)
             started = time.monotonic()
             revoked, read = await asyncio.wait_for(self._read(raw), READ_TIMEOUT)
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
         self.verifier.revocations_read()
         log.info(
             "revocations: %d token ids in force, from %d control messages read in %.2fs",

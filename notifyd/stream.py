@@ -14,7 +14,6 @@ sockets started holding live traffic, so nothing falls between replay and live.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import time
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 from aio_pika.abc import AbstractConnection
 
 from .amqp import EXCHANGE, HISTORY_STREAM, Delivery
-from .broker import Broker, read_to_marker
+from .broker import Broker, read_to_marker, scratch_channel
 from .config import HistorySettings
 from .errors import InvalidMessage
 from .metrics import Metrics
@@ -85,8 +84,7 @@ class StreamHistory:
         A :attr:`Broker.on_connected` hook; raises aio-pika's errors (the broker then
         reconnects).
         """
-        channel = await connection.channel()
-        try:
+        async with scratch_channel(connection) as channel:
             raw = await channel.get_underlay_channel()
             await raw.queue_declare(
                 HISTORY_STREAM,
@@ -100,8 +98,6 @@ class StreamHistory:
             )
             for key in STREAM_BINDINGS:
                 await raw.queue_bind(HISTORY_STREAM, EXCHANGE, routing_key=key)
-        finally:
-            await channel.close()
 
     async def replay(
         self, since: ResumePoint, channels: list[Channel], before_seq: int | None = None
@@ -227,15 +223,11 @@ class StreamHistory:
 
         # The marker is sent on the reading channel, so this works before the broker
         # reports itself connected (a recovery after a lost queue).
-        channel = await connection.channel()
-        try:
+        async with scratch_channel(connection) as channel:
             raw = await channel.get_underlay_channel()
             await read_to_marker(
                 raw, HISTORY_STREAM, self._start_offset(batch, now), handle, PREFETCH
             )
-        finally:
-            with contextlib.suppress(Exception):
-                await channel.close()
         for request in batch:
             if not request.future.done():
                 request.future.set_result(_dedupe(request.missed) if request.found else None)

@@ -55,6 +55,7 @@ from .broker import (
     declare_queue,
     default_replica_id,
     offline_queue_arguments,
+    scratch_channel,
 )
 from .config import Settings, WebPushSettings, redact_url
 from .errors import BrokerUnavailable, ConfigError, InvalidMessage
@@ -266,14 +267,11 @@ class WebPushWorker:
 
     async def declare(self, connection: AbstractConnection) -> None:
         """notifyd.offline (exchange, queue, binding ``#``) and the dead-letter path."""
-        channel = await connection.channel()
-        try:
+        async with scratch_channel(connection) as channel:
             await declare_topology(channel)
             await channel.declare_exchange(
                 OFFLINE_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
             )
-        finally:
-            await channel.close()
         amqp = self.settings.amqp
         # As the gateway's offline hook declares it (notifyd.offline.declare_offline), which
         # does so even with no worker running; declare_queue keeps a queue that exists
@@ -288,12 +286,9 @@ class WebPushWorker:
                 ),
                 CONNECT_TIMEOUT,
             )
-        channel = await connection.channel()
-        try:
+        async with scratch_channel(connection) as channel:
             queue = await channel.get_queue(OFFLINE_QUEUE, ensure=False)
             await queue.bind(OFFLINE_EXCHANGE, "#")
-        finally:
-            await channel.close()
 
     async def _consume(self, connection: AbstractConnection) -> None:
         lost = asyncio.Event()

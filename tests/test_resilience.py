@@ -8,6 +8,7 @@ import re
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import aio_pika
 import aiohttp
 import pytest
 
+from notifyd.broker import close_channel, scratch_channel
 from notifyd.devbroker import RabbitNode
 
 from .conftest import (
@@ -235,3 +237,46 @@ async def test_two_processes_share_rabbitmq_and_split_the_traffic(
         user_kind = 'notifyd_notifications_received_total{kind="user"}'
         assert await _metric(http, replica_a.base, user_kind) == 1
         assert await _metric(http, replica_b.base, user_kind) == 0
+
+
+async def test_a_channel_closed_mid_consume_leaves_its_connection_working(amqp_url: str) -> None:
+    """aiormq stops reading a channel it closes but keeps it registered until
+    RabbitMQ's Close-Ok; a stream read cancelled mid-consume used to fill that
+    channel's buffer with late deliveries and stop every channel of the connection
+    (a replica hung at shutdown). close_channel discards them."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        stream = f"test.stream.{uuid.uuid4().hex[:8]}"
+        async with scratch_channel(connection, publisher_confirms=True) as channel:
+            await channel.declare_queue(stream, durable=True, arguments={"x-queue-type": "stream"})
+            await asyncio.gather(
+                *(
+                    channel.default_exchange.publish(aio_pika.Message(b"x" * 64), stream)
+                    for _ in range(300)
+                )
+            )
+
+        async def ignore(_: object) -> None:
+            pass
+
+        for attempt in range(30):
+            channel = await connection.channel(publisher_confirms=False)
+            raw = await channel.get_underlay_channel()
+            await raw.basic_qos(prefetch_count=1000)
+            consume = asyncio.ensure_future(
+                raw.basic_consume(stream, ignore, arguments={"x-stream-offset": "first"})
+            )
+            # Cancelled at different points of the Consume round trip.
+            for _ in range(attempt % 6):
+                await asyncio.sleep(0)
+            if attempt % 6 == 5:
+                await asyncio.sleep(0.002)
+            consume.cancel()
+            await asyncio.gather(consume, return_exceptions=True)
+            await asyncio.wait_for(close_channel(channel), 10)
+            async with scratch_channel(connection) as probe:
+                await asyncio.wait_for(probe.declare_queue(stream, passive=True), 5)
+        async with scratch_channel(connection) as channel:
+            await channel.queue_delete(stream)
+    finally:
+        await connection.close()
