@@ -776,8 +776,15 @@ class Broker:
         if not self.connected.is_set():
             return
         for key in routing_keys:
-            if not await self.bindings.wait_bound(key, timeout):
-                log.warning("binding %s not confirmed within %.1fs", key, timeout)
+            if not await self.bindings.wait_bound(key, timeout) and self._logged.due("slow-bind"):
+                # Once a minute: in a connect storm, thousands of keys wait together.
+                log.warning(
+                    "binding %s (and maybe others) not confirmed by RabbitMQ within %.1fs: "
+                    "welcome sent anyway; %d bindings still pending",
+                    key,
+                    timeout,
+                    len(self.bindings.desired - self.bindings.bound),
+                )
                 return
 
     # --- consuming --------------------------------------------------------------------

@@ -86,6 +86,8 @@ REPORT_CHUNK: Final = 5000
 MISSED_BEACONS: Final = 3
 #: Seconds between the aggregator's looks at due offline transitions.
 TICK: Final = 0.1
+#: Seconds one publish (and its confirm, if asked for) may take.
+PUBLISH_TIMEOUT: Final = 10.0
 #: Seconds a rebuild query may take when this replica becomes the aggregator.
 SNAPSHOT_TIMEOUT: Final = 5.0
 #: Seconds reading ``notifyd.presence.log`` may take on a take-over.
@@ -790,12 +792,12 @@ class ClusterLink:
             headers={PUBLISHED_AT_HEADER: int(time.time() * 1000)},
         )
         try:
-            confirmation = await asyncio.wait_for(
-                channel.basic_publish(
+            # A timeout scope, not wait_for: no task per message (one per presence
+            # transition in a connect storm).
+            async with asyncio.timeout(PUBLISH_TIMEOUT):
+                confirmation = await channel.basic_publish(
                     body, exchange=exchange, routing_key=routing_key, properties=properties
-                ),
-                10,
-            )
+                )
         except (aiormq.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
             raise BrokerUnavailable(f"publish failed: {exc}") from exc
         if confirm and not isinstance(confirmation, Basic.Ack):
