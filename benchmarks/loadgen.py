@@ -235,6 +235,50 @@ class Probe:
         }
 
 
+#: What starts a notification event in an SSE stream (notifyd's ``GET /sse``).
+_SSE_NOTIFICATION = b"event: notification\n"
+
+
+class SseClient(Client):
+    """One Server-Sent Events stream (``sse``): the ``welcome`` event authenticates, each
+    ``event: notification`` line counts as a frame. The body is chunked, but the marker
+    never spans a chunk header (the server writes whole events): only the bytes that
+    could start a marker are kept between reads."""
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self.buffer + data if self.buffer else data
+        if not self.upgraded:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                self.buffer = buffer
+                return
+            if not buffer.startswith(b"HTTP/1.1 200"):
+                self._fail(buffer[: buffer.find(b"\r\n")].decode(errors="replace"))
+                return
+            self.upgraded = True
+            buffer = buffer[end + 4 :]
+        if not self.ready and b"event: welcome\n" in buffer:
+            self.ready = True
+            self.stats.welcomed += 1
+            if not self.welcomed.done():
+                self.welcomed.set_result(None)
+        count = buffer.count(_SSE_NOTIFICATION)
+        if count:
+            now = time.perf_counter()
+            for _ in range(count):
+                self.stats.frame(now)
+        if b"event: close\n" in buffer:
+            self.stats.closed += 1
+        self.buffer = buffer[-(len(_SSE_NOTIFICATION) - 1) :]
+
+
+def sse_request(host: str, port: int, token: str) -> bytes:
+    return (
+        f"GET /sse HTTP/1.1\r\nHost: {host}:{port}\r\nAccept: text/event-stream\r\n"
+        f"Authorization: Bearer {token}\r\n\r\n"
+    ).encode()
+
+
 def upgrade_request(host: str, port: int, token: str, socketio: bool, query: str = "") -> bytes:
     key = base64.b64encode(os.urandom(16)).decode()
     path = SOCKETIO_PATH if socketio else "/ws" + (f"?{query}" if query else "")
@@ -246,7 +290,13 @@ def upgrade_request(host: str, port: int, token: str, socketio: bool, query: str
 
 
 async def _open(
-    clients: list[Client], stats: Stats, port: int, socketio: bool, tokens: list[str], query: str
+    clients: list[Client],
+    stats: Stats,
+    port: int,
+    socketio: bool,
+    tokens: list[str],
+    query: str,
+    sse: bool = False,
 ) -> dict[str, Any]:
     """Open one socket per token, at most 500 handshakes in flight."""
     loop = asyncio.get_running_loop()
@@ -258,10 +308,14 @@ async def _open(
         nonlocal failures
         async with semaphore:
             welcomed: asyncio.Future[None] = loop.create_future()
-            request = upgrade_request("127.0.0.1", port, token, socketio, query)
+            if sse:
+                request = sse_request("127.0.0.1", port, token)
+            else:
+                request = upgrade_request("127.0.0.1", port, token, socketio, query)
+            kind = SseClient if sse else Client
             try:
                 _, client = await loop.create_connection(
-                    lambda: Client(request, stats, welcomed, socketio),
+                    lambda: kind(request, stats, welcomed, socketio),
                     "127.0.0.1",
                     port,
                     # Spread source addresses: one address has ~28k ephemeral ports.
@@ -277,7 +331,7 @@ async def _open(
     return {"seconds": time.perf_counter() - started, "failures": failures}
 
 
-async def _worker(pipe: Connection, port: int, socketio: bool) -> None:
+async def _worker(pipe: Connection, port: int, socketio: bool, sse: bool = False) -> None:
     loop = asyncio.get_running_loop()
     stats = Stats()
     clients: list[Client] = []
@@ -285,7 +339,8 @@ async def _worker(pipe: Connection, port: int, socketio: bool) -> None:
     while True:
         command, args = await loop.run_in_executor(None, pipe.recv)
         if command == "connect":
-            pipe.send(await _open(clients, stats, port, socketio, args["tokens"], args["query"]))
+            tokens, query = args["tokens"], args["query"]
+            pipe.send(await _open(clients, stats, port, socketio, tokens, query, sse))
         elif command == "send":
             # The same masked frame, written ``count`` times by each of the first ``sockets``.
             frame = masked_frame(args["payload"])
@@ -328,23 +383,26 @@ async def _worker(pipe: Connection, port: int, socketio: bool) -> None:
                 return
 
 
-def _worker_main(pipe: Connection, port: int, socketio: bool) -> None:
+def _worker_main(pipe: Connection, port: int, socketio: bool, sse: bool = False) -> None:
     lift_fd_limit()
     install_uvloop()
-    asyncio.run(_worker(pipe, port, socketio))
+    asyncio.run(_worker(pipe, port, socketio, sse))
 
 
 class LoadGenerator:
     """Sockets spread over worker processes (each under the per-process fd limit)."""
 
-    def __init__(self, port: int, workers: int = 2, socketio: bool = False) -> None:
+    def __init__(
+        self, port: int, workers: int = 2, socketio: bool = False, sse: bool = False
+    ) -> None:
+        """``sse``: the sockets are ``GET /sse`` streams (notifyd only), not WebSockets."""
         context = mp.get_context("spawn")
         self.pipes: list[Connection] = []
         self.processes = []
         for _ in range(workers):
             parent, child = context.Pipe()
             process = context.Process(
-                target=_worker_main, args=(child, port, socketio), daemon=True
+                target=_worker_main, args=(child, port, socketio, sse), daemon=True
             )
             process.start()
             self.pipes.append(parent)

@@ -50,7 +50,7 @@ from notifyd.metrics import GC_TRACKED_MAX_AGE  # noqa: E402
 SECRET = "benchmark-secret-benchmark-secret-123456"
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
-ALL_SERVERS = ["notifyd", "notifyd-2w", "naive", "raw", "socketio", "notifyd-stream"]
+ALL_SERVERS = ["notifyd", "notifyd-2w", "naive", "raw", "socketio", "notifyd-stream", "notifyd-sse"]
 #: Every scenario (``--scenarios``); see benchmarks/README.md.
 SCENARIOS = ["idle", "fanout", "latency", "upstream", "storms", "resume", "churn"]
 #: The scenarios that share one server process with ``config["sockets"]`` sockets open.
@@ -450,6 +450,12 @@ class Bench:
             if "resume" in wanted:
                 with self.serving():
                     self.resume_storm()
+        elif self.kind == "notifyd-sse":
+            # The fan-out over Server-Sent Events: same sockets, same broadcasts.
+            if "fanout" in wanted:
+                with self.serving():
+                    self.open_sockets()
+                    self.fanout()
         elif wanted & SHARED:
             with self.serving():
                 self.open_sockets()
@@ -476,7 +482,9 @@ class Bench:
         nice, watch = self.config["nice"], self.config["stallwatch"]
         with running(self.kind, self.amqp_url, settings, nice, watch) as (process, port):
             self.pid, self.port = process.pid, port
-            self.load = LoadGenerator(port, workers=2, socketio=self.kind == "socketio")
+            self.load = LoadGenerator(
+                port, workers=2, socketio=self.kind == "socketio", sse=self.kind == "notifyd-sse"
+            )
             try:
                 yield
             finally:
@@ -831,6 +839,10 @@ def ratios(results: dict[str, dict[str, Any]]) -> list[tuple[str, str, str, str]
 
     for key, label in (("fanout_per_cpu_s", "per server CPU s"), ("fanout", "per wall s")):
         compare(f"broadcast fan-out, frames {label}", key, ("naive", "socketio", "raw"))
+    sse = results.get("notifyd-sse", {})
+    for key, label in (("fanout_per_cpu_s", "per server CPU s"), ("fanout", "per wall s")):
+        if key in n and key in sse:
+            row(f"fan-out over SSE vs WebSocket, frames {label}", sse[key], "WebSocket", n[key])
     if "fanout" in n and "fanout" in results.get("notifyd-2w", {}):
         two = results["notifyd-2w"]["fanout"]
         row("fan-out, 2 workers vs 1, frames per wall s", two, "1 worker", n["fanout"])

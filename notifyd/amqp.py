@@ -12,6 +12,7 @@ WebSocket side of the contract is :mod:`notifyd.protocol`.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pamqp.commands import Basic
 
 from .errors import InvalidMessage, ProtocolError
 from .protocol import (
+    DIGEST_SIZE,
     MAX_ID_LENGTH,
     IdGenerator,
     JSONDecodeError,
@@ -105,6 +107,8 @@ FROM_HEADER: Final = "notifyd-from"
 RECEIPT_HEADER: Final = "notifyd-receipt"
 #: Header of the marker a reader appends to a stream to know where its read ends.
 MARKER_HEADER: Final = "notifyd-marker"
+#: What RabbitMQ puts on each message read from a stream: its position (offset) in it.
+STREAM_OFFSET_HEADER: Final = "x-stream-offset"
 #: Headers notifyd adds to a dead letter (the original's headers are kept).
 REASON_HEADER: Final = "notifyd-reason"
 DETAIL_HEADER: Final = "notifyd-detail"
@@ -139,6 +143,81 @@ def published_time(timestamp: float | None, headers: Mapping[str, Any] | None) -
     return timestamp
 
 
+# --- content ids -----------------------------------------------------------------------
+
+#: Personalises the digest, so that a content id can be told from a hash of anything else.
+_DIGEST_PERSON: Final = b"notifyd-content"
+
+
+def _broker_header(name: str) -> bool:
+    """Whether RabbitMQ may add or change header ``name`` on the way (``x-death``,
+    ``x-first-death-*``, ``x-delivery-count``, ``x-stream-offset``, ``x-received-from``,
+    ...): one copy of a message (a replica's queue, the stream) may carry it, another
+    not, so it is no part of a content digest."""
+    return name[:2].lower() == "x-"
+
+
+def _canonical(value: Any, out: list[bytes]) -> bool:
+    """Append an unambiguous encoding of a scalar AMQP field value (a type tag, then
+    the value, length-prefixed where it has no fixed end); False, appending nothing,
+    for a value that may not reach the stream as sent.
+
+    A stream keeps messages as AMQP 1.0: RabbitMQ 3.10 drops header values that are
+    tables or arrays there, and refuses decimals (tests/test_amqp.py checks what
+    the test node keeps). Text and bytes are encoded alike: AMQP 1.0 tells strings
+    from binary otherwise than 0-9-1 does.
+    """
+    if value is None:
+        out.append(b"N")
+    elif isinstance(value, bool):  # before int: bool is an int
+        out.append(b"T" if value else b"F")
+    elif isinstance(value, int):
+        out.append(b"i%d;" % value)
+    elif isinstance(value, float):
+        out.append(b"f" + value.hex().encode() + b";")
+    elif isinstance(value, str | bytes | bytearray):
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+        out.append(b"s%d:" % len(raw))
+        out.append(raw)
+    elif isinstance(value, datetime):
+        aware = value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+        out.append(b"t%d;" % int(aware.timestamp()))  # AMQP 0-9-1 has whole seconds
+    else:
+        return False
+    return True
+
+
+def content_digest(
+    routing_key: str,
+    body: bytes,
+    *,
+    content_type: str | None = None,
+    timestamp: float | None = None,
+    expiration: str | None = None,
+    message_type: str | None = None,
+    correlation_id: str | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> bytes:
+    """The :data:`DIGEST_SIZE`-byte BLAKE2b digest of what a publisher set on a message
+    without ``message_id``: identical on every replica's copy and in the stream, so
+    its content id (:meth:`IdGenerator.content`) names it everywhere. Left out: headers
+    RabbitMQ adds on the way (``x-*``) and header values a stream may not keep as sent
+    (tables, arrays, decimals): see :func:`_canonical`. Never raises."""
+    out: list[bytes] = []
+    fields = (routing_key, body, content_type, timestamp, expiration, message_type, correlation_id)
+    for value in fields:
+        _canonical(value, out)
+    headers = headers or _NO_HEADERS
+    for name in sorted(headers):
+        if _broker_header(name):
+            continue
+        mark = len(out)
+        _canonical(name, out)
+        if not _canonical(headers[name], out):
+            del out[mark:]
+    return hashlib.blake2b(b"".join(out), digest_size=DIGEST_SIZE, person=_DIGEST_PERSON).digest()
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     """What notifyd reads of one AMQP delivery, its properties decoded once.
@@ -157,6 +236,9 @@ class Delivery:
     content_type: str | None = None
     #: The delivery tag on the channel it came on (0 when built by hand).
     tag: int = 0
+    #: The AMQP ``type`` and ``correlation_id`` properties (part of a content digest).
+    message_type: str | None = None
+    correlation_id: str | None = None
 
     @classmethod
     def of(cls, message: DeliveredMessage) -> Delivery:
@@ -176,6 +258,8 @@ class Delivery:
             properties.headers or _NO_HEADERS,
             properties.content_type,
             deliver.delivery_tag or 0,
+            properties.message_type,
+            properties.correlation_id,
         )
 
     @property
@@ -183,8 +267,30 @@ class Delivery:
         """When it was published (unix s), if it says: see :func:`published_time`."""
         return published_time(self.timestamp, self.headers)
 
-    def notification(self, *, ids: IdGenerator, max_body_size: int, now: float) -> Notification:
-        """This delivery as a notification: see :func:`decode_notification`."""
+    def digest(self) -> bytes:
+        """Its :func:`content_digest` (whether or not it has a ``message_id``)."""
+        return content_digest(
+            self.routing_key,
+            self.body,
+            content_type=self.content_type,
+            timestamp=self.timestamp,
+            expiration=self.expiration,
+            message_type=self.message_type,
+            correlation_id=self.correlation_id,
+            headers=self.headers,
+        )
+
+    def notification(
+        self,
+        *,
+        ids: IdGenerator,
+        max_body_size: int,
+        now: float,
+        id_ms: int | None = None,
+        digest: bytes | None = None,
+    ) -> Notification:
+        """This delivery as a notification: see :func:`decode_notification`.
+        ``digest``: its :meth:`digest`, if already computed."""
         return decode_notification(
             self.routing_key,
             self.body,
@@ -192,9 +298,14 @@ class Delivery:
             timestamp=self.timestamp,
             expiration=self.expiration,
             headers=self.headers,
+            content_type=self.content_type,
+            message_type=self.message_type,
+            correlation_id=self.correlation_id,
             ids=ids,
             max_body_size=max_body_size,
             now=now,
+            id_ms=id_ms,
+            digest=digest,
         )
 
 
@@ -206,16 +317,24 @@ def decode_notification(
     timestamp: float | None,
     expiration: str | None,
     headers: Mapping[str, Any] | None,
+    content_type: str | None = None,
+    message_type: str | None = None,
+    correlation_id: str | None = None,
     ids: IdGenerator,
     max_body_size: int,
     now: float,
+    id_ms: int | None = None,
+    digest: bytes | None = None,
 ) -> Notification:
     """Turn a message on the ``notifyd`` exchange into a :class:`Notification`.
 
     Takes its routing key, body and properties (``timestamp`` in unix s, ``expiration``
     as AMQP's milliseconds string; :meth:`Delivery.notification` passes a delivery's).
-    ``ids`` names one without a ``message_id`` (from its publish time); ``now`` (unix s)
-    stands in for a publish time it does not carry. Raises :class:`InvalidMessage`,
+    One without a ``message_id`` is named by ``ids`` with a content id: the time part
+    ``id_ms`` (unix ms; default: ``now``, when it was received), then its
+    :func:`content_digest` (``digest`` if already computed, else computed once the
+    message is known to be valid). ``now`` (unix s) also stands in for a publish time
+    it does not carry. Raises :class:`InvalidMessage`,
     whose ``reason`` is the dead-letter reason: ``bad_key``, ``too_big``, ``not_json``,
     ``bad_body`` or ``too_deep``.
     """
@@ -239,7 +358,21 @@ def decode_notification(
     published_at = published_time(timestamp, headers)
     sent_at = published_at if published_at is not None else now
     ts = int(sent_at * 1000)
-    notification_id = message_id or ids.new(ts)
+    if message_id is None:
+        if digest is None:
+            digest = content_digest(
+                routing_key,
+                body,
+                content_type=content_type,
+                timestamp=timestamp,
+                expiration=expiration,
+                message_type=message_type,
+                correlation_id=correlation_id,
+                headers=headers,
+            )
+        notification_id = ids.content(digest, int(now * 1000) if id_ms is None else id_ms)
+    else:
+        notification_id = message_id
     expires_at = None
     if expiration:
         try:

@@ -42,10 +42,11 @@ from .broker import Broker
 from .closes import CloseReason
 from .cluster import ClusterLink
 from .config import Settings
-from .connection import SocketServer
+from .connection import Connection, SocketServer
 from .errors import BrokerUnavailable, ProtocolError, ServeError
 from .heartbeat import Heartbeat
 from .history import MemoryHistory, RecentIds
+from .history_api import add_history_routes
 from .hub import Hub
 from .lifecycle import cancel_and_wait
 from .metrics import Metrics, process_registry
@@ -63,6 +64,7 @@ from .protocol import (
 )
 from .push_api import add_push_routes
 from .revocations import RevocationLog
+from .sse import SseServer, SseStream
 from .stream import StreamHistory
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,12 @@ class Gateway:
             metrics=self.metrics,
         )
         self.sockets.presence = self.cluster
+        #: GET /sse, POST /api/sse-ticket, POST /api/messages (served when [sse] enabled).
+        self.sse = SseServer(settings, self.sockets, self.metrics)
+        self.sockets.other_connections = lambda: len(self.sse.streams)
+        # A ticket redeemed here is refused on every replica (announced on notifyd.cluster).
+        self.sse.announce = self.cluster.announce_ticket
+        self.cluster.on_ticket = self.sse.redeemed_elsewhere
         self.stream: StreamHistory | None = None
         if history_settings.backend == "stream":
             self.stream = StreamHistory(settings.history, self.broker, self.metrics)
@@ -184,7 +192,8 @@ class Gateway:
     def _close_revoked(self, token_ids: set[str]) -> int:
         """Close the sockets whose tokens were revoked; returns how many."""
         closed = 0
-        for subscriber in self.sockets.sessions():
+        subscribers: list[Connection | SseStream] = [*self.sockets.sessions(), *self.sse.streams]
+        for subscriber in subscribers:
             identity = subscriber.identity
             if identity is not None and identity.token_id in token_ids:
                 subscriber.close_soon(CloseReason.TOKEN_REVOKED)
@@ -232,6 +241,8 @@ class Gateway:
             )
             for connection in connections:
                 connection.close_soon(CloseReason.BROKER_OUTAGE)
+            for stream in list(self.sse.streams):
+                stream.close_soon(CloseReason.BROKER_OUTAGE)
             # Woken as the broker reports itself connected, before anyone sees it ready.
             await self.broker.connected.wait()
             if not self.draining:
@@ -288,6 +299,7 @@ class Gateway:
             stack.push_async_callback(self.cluster.close)  # says goodbye before the broker
             stack.callback(self.hub.close)
             stack.push_async_callback(self.sockets.close)
+            stack.push_async_callback(self.sse.close)
             if self.settings.amqp.close_sockets_after:
                 outage = loop.create_task(self._close_sockets_in_outage(), name="notifyd-outage")
                 stack.push_async_callback(cancel_and_wait, outage)
@@ -295,6 +307,10 @@ class Gateway:
                 heartbeat = Heartbeat(self.settings.ws.heartbeat, self.sockets.sessions)
                 beating = loop.create_task(heartbeat.run(), name="notifyd-heartbeat")
                 stack.push_async_callback(cancel_and_wait, beating)
+                # SSE streams get a comment line instead of a ping (no pong to wait for).
+                sse_heartbeat = Heartbeat(self.settings.ws.heartbeat, self.sse.streams_list)
+                sse_beating = loop.create_task(sse_heartbeat.run(), name="notifyd-sse-heartbeat")
+                stack.push_async_callback(cancel_and_wait, sse_beating)
             stack.push_async_callback(self.drain)
             self.metrics.draining.set(0)
             self._stack = stack.pop_all()
@@ -326,11 +342,13 @@ class Gateway:
             return
         self._drained = True
         self.begin_drain()
-        await self.sockets.drain(self.settings.server.drain_seconds)
+        window = self.settings.server.drain_seconds
+        await asyncio.gather(self.sockets.drain(window), self.sse.drain(window))
 
     def hurry(self) -> None:
         """Close the sockets a drain has not reached yet at once (a second signal)."""
         self.sockets.hurry()
+        self.sse.hurry()
 
     async def stop(self) -> None:
         """Undo :meth:`start` in reverse order; a no-op when it has not started."""
@@ -522,8 +540,13 @@ def create_app(settings: Settings, replica_id: str | None = None) -> web.Applica
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_post("/api/publish", api_publish)
     app.router.add_get("/client/notifyd.js", client_js)
+    if settings.sse.enabled:
+        # GET /sse, POST /api/sse-ticket, POST /api/messages (and their CORS preflights).
+        gateway.sse.add_routes(app)
     # Web Push subscriptions (/api/push/*), when [webpush] vapid_private_key is set.
     add_push_routes(app, settings, gateway.verifier, gateway.metrics)
+    # GET /api/history; the sockets' history message reads through the same object.
+    add_history_routes(app, gateway)
     # /api/presence, /api/stats, /api/disconnect, /api/revoke (service key).
     AdminApi(
         gateway.cluster, settings.api.service_keys, settings.auth.revocation_max_age

@@ -43,6 +43,7 @@ from .amqp import (
     MARKER_HEADER,
     RECEIPTS_EXCHANGE,
     ROUTE_EXCHANGE,
+    STREAM_OFFSET_HEADER,
     UNROUTED_EXCHANGE,
     UPSTREAM_EXCHANGE,
     ControlCommand,
@@ -211,33 +212,45 @@ async def read_to_marker(
     offset: dt.datetime | str,
     handle: Callable[[Delivery], None],
     prefetch: int,
+    until_offset: int | None = None,
 ) -> None:
     """Read ``stream`` from ``offset`` (an ``x-stream-offset``: a time or ``"first"``)
     up to a marker appended now, handing each message before it to ``handle`` in
     stream order (synchronously, so that order holds).
 
-    Returns once the marker is read: everything the stream held when this was called
-    has been handled. Raises ConnectionError when RabbitMQ cancels the consumer (the
-    stream member it read from went down) and aiormq's errors for a failed channel.
-    Bounding the time it takes and closing ``raw`` afterwards (which ends the
-    consumer) are the caller's.
+    With ``until_offset`` (the stream offset of a message read before), no marker is
+    appended: the read ends before that message.
+
+    Returns once the end is read: everything the stream held when this was called
+    (or before ``until_offset``) has been handled. Raises ConnectionError when
+    RabbitMQ cancels the consumer (the stream member it read from went down) and
+    aiormq's errors for a failed channel. Bounding the time it takes and closing
+    ``raw`` afterwards (which ends the consumer) are the caller's.
     """
     marker = secrets.token_hex(8)
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     ack_every = max(1, prefetch // 4)
 
     async def on_message(message: DeliveredMessage) -> None:
+        if done.done():
+            return  # the end is read: see the ack below
         delivery = Delivery.of(message)
+        if until_offset is not None:
+            position = delivery.headers.get(STREAM_OFFSET_HEADER)
+            if not isinstance(position, int) or position >= until_offset:
+                done.set_result(None)
+                return
         found = delivery.headers.get(MARKER_HEADER)
         if found is None:
             handle(delivery)
-        elif found == marker and not done.done():
+        elif found == marker:
             done.set_result(None)
+            return
         # (else another reader's marker)
-        # Streams grant the consumer credit on acks. Never once the marker is in:
+        # Streams grant the consumer credit on acks. Never once the end is read:
         # the channel is being closed, and an ack racing that close makes RabbitMQ
         # close the whole connection (504).
-        if delivery.tag % ack_every == 0 and not done.done():
+        if delivery.tag % ack_every == 0:
             with contextlib.suppress(aiormq.AMQPError, ConnectionError, RuntimeError):
                 await raw.basic_ack(delivery.tag, multiple=True)
 
@@ -248,11 +261,12 @@ async def read_to_marker(
     raw.on_consumer_cancel_callbacks.add(cancelled)
     await raw.basic_qos(prefetch_count=prefetch)
     await raw.basic_consume(stream, on_message, arguments={"x-stream-offset": offset})
-    # Appended after everything in the stream now. Sent on the reading channel: it
-    # needs no confirm (the read waits for the marker itself).
-    await raw.basic_publish(
-        b"{}", exchange="", routing_key=stream, properties=marker_properties(marker)
-    )
+    if until_offset is None:
+        # Appended after everything in the stream now. Sent on the reading channel:
+        # it needs no confirm (the read waits for the marker itself).
+        await raw.basic_publish(
+            b"{}", exchange="", routing_key=stream, properties=marker_properties(marker)
+        )
     await done
 
 

@@ -609,6 +609,32 @@ class Client:
         """
         return await self._request({"type": "send", "event": event, "data": data}, timeout)
 
+    async def history(
+        self,
+        channel: str,
+        limit: int | None = None,
+        before: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """One page of a channel's history (``user:<id>``, ``topic:<name>``, ``broadcast``),
+        newest first.
+
+        Returns:
+            The ``history`` answer: ``notifications`` (newest first) and ``next_before``
+            (pass it as ``before`` for the next, older page; None when there is none).
+
+        Raises:
+            ClientError: ``forbidden`` (a channel the token may not read),
+                ``gone`` (``before`` fell out of the retention window),
+                ``history_off``, ``broker_unavailable``, ``bad_message``.
+        """
+        message: dict[str, Any] = {"type": "history", "channel": channel}
+        if limit is not None:
+            message["limit"] = limit
+        if before is not None:
+            message["before"] = before
+        return await self._request(message, timeout)
+
     async def ping(self, timeout: float | None = None) -> dict[str, Any]:
         """Round-trip a ``ping``; returns the ``pong``.
 

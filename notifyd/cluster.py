@@ -37,7 +37,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -192,6 +192,9 @@ class ClusterLink:
         self._heard: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: Called with (ticket id, expiry) when a replica announces a redeemed SSE ticket
+        #: (notifyd.sse: single use across replicas).
+        self.on_ticket: Callable[[str, float], None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -535,6 +538,10 @@ class ClusterLink:
                     )
         elif kind == "trim":
             self._trim(str(body.get("user")), _int(body.get("keep")))
+        elif kind == "ticket" and self.on_ticket is not None:
+            expires = body.get("expires")
+            if isinstance(expires, int | float):
+                self.on_ticket(str(body.get("id")), float(expires))
 
     def _trim(self, user: str, keep: int) -> None:
         """Close this replica's newest sockets of ``user`` until it holds ``keep``."""
@@ -756,6 +763,11 @@ class ClusterLink:
         )
         for member in list(watchers):
             member.write(frame, 0, now)
+
+    async def announce_ticket(self, ticket_id: str, expires_at: float) -> None:
+        """Tell every replica an SSE ticket was redeemed (no confirm: best effort)."""
+        body = dumps({"type": "ticket", "id": ticket_id, "expires": expires_at})
+        await self._publish(CLUSTER_EXCHANGE, "", body)
 
     # --- admin commands ---------------------------------------------------------------
 

@@ -149,6 +149,9 @@ class HistorySettings:
     #: Seconds of the stream read for a resume point that carries no time (a
     #: publisher's own message_id without since_ts): bounds what one resume costs.
     scan_without_time: float = 60.0
+    #: Notifications one history page (GET /api/history, the ``history`` message) may
+    #: ask for (``limit``).
+    page_max: int = 200
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,20 @@ class ClusterSettings:
     #: Seconds the stream notifyd.presence.log keeps presence transitions (x-max-age):
     #: how far back a replica that takes over the transitions looks for who is online.
     presence_log_max_age: float = 86_400.0
+
+
+@dataclass(frozen=True)
+class SseSettings:
+    """Server-Sent Events: ``GET /sse``, ``POST /api/sse-ticket``, ``POST /api/messages``."""
+
+    enabled: bool = True
+    #: Key material for SSE tickets (any string; a key is derived from it). Every
+    #: replica behind one load balancer needs the same. Empty: derived from
+    #: ``[auth] secret`` when that is set, else random per process (tickets are then
+    #: only valid on the replica that issued them).
+    ticket_secret: str = field(default="", metadata=_CREDENTIAL)
+    #: Seconds a ticket may be redeemed after it was issued.
+    ticket_ttl: float = 30.0
 
 
 #: Push services of the major browsers (Chrome/Edge/Opera via FCM, Firefox, Windows,
@@ -235,6 +252,7 @@ class Settings:
     demo: DemoSettings = field(default_factory=DemoSettings)
     webpush: WebPushSettings = field(default_factory=WebPushSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    sse: SseSettings = field(default_factory=SseSettings)
 
     def replace(self, section: str, **values: Any) -> Settings:
         """A copy with some keys of one section changed (validated again)."""
@@ -502,6 +520,7 @@ def validate(settings: Settings) -> None:
     _check(s.server.handshake_timeout > 0, "[server] handshake_timeout: must be > 0")
     _check(s.history.scan_without_time > 0, "[history] scan_without_time: must be > 0")
     _check(s.ws.max_pending >= 1, "[ws] max_pending: must be at least 1")
+    _check(0 < s.sse.ticket_ttl <= 3600, "[sse] ticket_ttl: must be > 0 and <= 3600")
     _check(s.ws.max_pending_per_address >= 0, "[ws] max_pending_per_address: must be >= 0")
     _check(s.ws.max_topics >= 0, "[ws] max_topics: must be >= 0")
     _check(s.ws.max_topics_per_user >= 0, "[ws] max_topics_per_user: must be >= 0")
@@ -573,6 +592,7 @@ def validate(settings: Settings) -> None:
     )
     _check(s.history.max_per_user >= 1, "[history] max_per_user: must be at least 1")
     _check(s.history.max_age > 0, "[history] max_age: must be > 0")
+    _check(s.history.page_max >= 1, "[history] page_max: must be at least 1")
     _check(
         s.history.max_total >= s.history.max_per_user,
         "[history] max_total: must be >= max_per_user",

@@ -37,6 +37,7 @@ from .closes import CloseReason
 from .config import Settings
 from .errors import AuthError, BrokerUnavailable, HandshakeError, ProtocolError
 from .hub import Hub
+from .lifecycle import Drain, cancel_all
 from .logs import Throttle
 from .metrics import Metrics
 from .protocol import (
@@ -55,6 +56,7 @@ from .session import (
     CloseTransport,
     Join,
     Leave,
+    ReadHistory,
     Replay,
     Session,
     SessionConfig,
@@ -114,6 +116,20 @@ class Presence(Protocol):
 
     def unwatch(self, member: Any, user: str) -> bool:
         """Stop; False if ``member`` did not watch ``user``."""
+
+
+class HistoryReader(Protocol):
+    """History pages (:class:`notifyd.history_api.HistoryApi`)."""
+
+    async def read_page(
+        self,
+        reader: Identity,
+        channel: Channel,
+        limit: int | None,
+        before: str | None,
+        transport: str = "http",
+    ) -> dict[str, Any]:
+        """A page of ``channel``; raises ProtocolError with the code for the client."""
 
 
 #: Replays everything after ``since`` on ``channels`` (oldest first) or None.
@@ -464,6 +480,23 @@ class Connection(Session):
             self.replayed(missed, time.time())
         elif isinstance(action, Upstream):
             await self._upstream(action)
+        elif isinstance(action, ReadHistory):
+            await self._read_history(action)
+
+    async def _read_history(self, action: ReadHistory) -> None:
+        history = self.server.history
+        message = action.message
+        if history is None:
+            self.failed("history_off", "this gateway keeps no history", time.time())
+            return
+        try:
+            page = await history.read_page(
+                action.identity, message.channel, message.limit, message.before, "ws"
+            )
+        except ProtocolError as exc:
+            self.failed(exc.code, exc.message, time.time())
+            return
+        self.done(page, time.time())
 
     async def _upstream(self, action: Upstream) -> None:
         message = action.message
@@ -557,15 +590,20 @@ class SocketServer:
         self.draining = False
         #: Every socket taken over and not yet gone, authenticated or not.
         self.connections: set[Connection] = set()
+        #: Connections of other transports (SSE streams) that count against
+        #: ``[server] max_connections`` with these.
+        self.other_connections: Callable[[], int] = lambda: 0
         self.outbox = Outbox()
         self.on_ack: Callable[[Connection, str], None] | None = None
         #: ``presence:<id>`` subscriptions (the gateway's cluster link), if any.
         self.presence: Presence | None = None
+        #: History pages for the ``history`` message (None: history is off).
+        self.history: HistoryReader | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         #: Set by :meth:`close`: no task is spawned after it.
         self._closed = False
         #: Done once a drain is to close the sockets it has not reached yet at once.
-        self._hurry: asyncio.Future[None] | None = None
+        self._drain = Drain()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Upgrades let through in this pass of the event loop, and those waiting.
         self._admitted = 0
@@ -689,7 +727,7 @@ class SocketServer:
         transport.set_protocol(connection)
         self.connections.add(connection)
         self._now_pending(connection, address)
-        if len(self.connections) > self.settings.server.max_connections:
+        if len(self.connections) + self.other_connections() > self.settings.server.max_connections:
             connection.close_for(CloseReason.SERVER_FULL, now)
         elif isinstance(refusal, AuthError):
             connection.refused(refusal.reason, str(refusal), now)
@@ -803,37 +841,15 @@ class SocketServer:
         """Every authenticated socket."""
         return [s for s in self.hub if isinstance(s, Connection)]
 
-    def _hurried(self) -> asyncio.Future[None]:
-        if self._hurry is None:
-            self._hurry = self.loop.create_future()
-        return self._hurry
-
     async def drain(self, window: float) -> None:
         """Close every socket with 1001, spread evenly over ``window`` seconds (all at
         once after :meth:`hurry`), then give them a moment to go."""
         self.draining = True
-        connections = list(self.connections)
-        if not connections:
-            return
-        loop = self.loop
-        hurry = self._hurried()
-        start = loop.time()
-        step = window / len(connections)
-        log.info("draining %d sockets over %.1fs", len(connections), window)
-        for index, connection in enumerate(connections):
-            delay = start + index * step - loop.time()
-            if delay > 0 and not hurry.done():
-                await asyncio.wait((hurry,), timeout=delay)
-            connection.close_soon(CloseReason.SHUTDOWN)
-        deadline = loop.time() + 3.0
-        while self.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await self._drain.run(self.connections, _close_for_shutdown, window, "sockets")
 
     def hurry(self) -> None:
         """Have a drain (under way or to come) close the remaining sockets at once."""
-        hurry = self._hurried()
-        if not hurry.done():
-            hurry.set_result(None)
+        self._drain.hurry()
 
     async def close(self) -> None:
         """Drop whatever is still connected, cancel what connections still await, and
@@ -845,10 +861,8 @@ class SocketServer:
                 connection.transport.abort()
         for waiter in self._admission:
             waiter.cancel()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=5.0)
-            if pending:
-                log.warning("%d socket tasks still running 5s after their cancel", len(pending))
+        await cancel_all(list(self._tasks), "socket tasks")
+
+
+def _close_for_shutdown(member: Connection) -> None:
+    member.close_soon(CloseReason.SHUTDOWN)

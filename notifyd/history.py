@@ -20,8 +20,17 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
 
 from .protocol import Channel, Notification
+
+if TYPE_CHECKING:
+    from .auth import Identity
+
+#: Bytes of notification frames one history page holds at most (past it the page is
+#: cut short, its ``next_before`` pointing on): 200 large notifications would otherwise
+#: make one answer of tens of MB, written past a socket's send buffer in one go.
+PAGE_BYTES: Final = 1 << 20
 
 #: (sequence number, notification id, frame, ts): atomic values, never GC-tracked.
 _Entry = tuple[int, str, bytes, int]
@@ -93,6 +102,27 @@ class MemoryHistory:
                 # window held is older than any id still in the index.
                 del self._windows[channel]
 
+    def page(
+        self, channel: Channel, limit: int, before: str | None, now: float
+    ) -> HistoryPage | None:
+        """Up to ``limit`` notifications of ``channel``, newest first, strictly older
+        than ``before`` (None: from the newest). None when ``before`` is not in the
+        channel's window (never seen here, or evicted already)."""
+        self.expire(now)
+        window = self._windows.get(str(channel))
+        found = before is None
+        newest_first: list[Notification] = []
+        for _, notification_id, frame, ts in reversed(window.entries if window else ()):
+            if not found:
+                found = notification_id == before
+                continue
+            newest_first.append(Notification(notification_id, channel, frame, ts))
+            if len(newest_first) > limit:  # one more than asked: there is an older page
+                break
+        if not found:
+            return None
+        return page_of(newest_first, limit, more=False)
+
     def replay(
         self, since: str, channels: Iterable[Channel], before_seq: int | None = None
     ) -> list[Notification] | None:
@@ -119,6 +149,45 @@ class MemoryHistory:
                     found.append((seq, Notification(notification_id, channel, frame, ts)))
         found.sort(key=lambda pair: pair[0])
         return [notification for _, notification in found]
+
+
+@dataclass(slots=True)
+class HistoryPage:
+    """One page of a channel's history."""
+
+    #: Newest first.
+    notifications: list[Notification]
+    #: Something older than the last of them is still retained.
+    more: bool
+
+    @property
+    def next_before(self) -> str | None:
+        """Where the next (older) page starts: the oldest id returned, or None when
+        nothing older is retained."""
+        return self.notifications[-1].id if self.more and self.notifications else None
+
+
+def page_of(newest_first: Iterable[Notification], limit: int, more: bool) -> HistoryPage:
+    """The first ``limit`` of ``newest_first`` and at most :data:`PAGE_BYTES` of frames
+    (one at least); ``more`` says whether anything older than all of them exists."""
+    page: list[Notification] = []
+    size = 0
+    for notification in newest_first:
+        size += len(notification.frame)
+        if len(page) >= limit or (page and size > PAGE_BYTES):
+            return HistoryPage(page, True)
+        page.append(notification)
+    return HistoryPage(page, more)
+
+
+def may_read(identity: Identity, channel: Channel) -> bool:
+    """Whether a user token may read ``channel``'s history: the user's own channel,
+    ``broadcast``, and the topics the token grants (as for ``subscribe``)."""
+    if channel.kind == "user":
+        return channel.name == identity.user
+    if channel.kind == "topic":
+        return identity.topics.allows(channel.name)
+    return channel.kind == "broadcast"
 
 
 class RecentIds:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -21,3 +24,56 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     await asyncio.wait((task,))
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("task %s failed", task.get_name(), exc_info=exc)
+
+
+async def cancel_all(tasks: Collection[asyncio.Task[Any]], what: str, timeout: float = 5.0) -> None:
+    """Cancel ``tasks`` and wait (up to ``timeout``) for them to end; a log line names
+    how many did not (a task that swallows its cancel)."""
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            log.warning("%d %s still running %.0fs after their cancel", len(pending), what, timeout)
+
+
+class Drain:
+    """Closing every connection of one transport, spread evenly over a window, so the
+    load balancer and the other replicas take the reconnects as a stream rather than
+    a wave; :meth:`hurry` (a second SIGTERM) closes the rest at once."""
+
+    def __init__(self) -> None:
+        self._hurry: asyncio.Future[None] | None = None
+
+    def _hurried(self) -> asyncio.Future[None]:
+        if self._hurry is None:
+            self._hurry = asyncio.get_running_loop().create_future()
+        return self._hurry
+
+    def hurry(self) -> None:
+        """Have a drain (under way or to come) close what remains at once."""
+        hurry = self._hurried()
+        if not hurry.done():
+            hurry.set_result(None)
+
+    async def run(
+        self, live: Collection[T], close: Callable[[T], None], window: float, what: str
+    ) -> None:
+        """Call ``close`` on each of ``live`` (a set its members leave when gone) over
+        ``window`` seconds, then give them up to 3 s to go."""
+        members = list(live)
+        if not members:
+            return
+        loop = asyncio.get_running_loop()
+        hurry = self._hurried()
+        start = loop.time()
+        step = window / len(members)
+        log.info("draining %d %s over %.1fs", len(members), what, window)
+        for index, member in enumerate(members):
+            delay = start + index * step - loop.time()
+            if delay > 0 and not hurry.done():
+                await asyncio.wait((hurry,), timeout=delay)
+            close(member)
+        deadline = loop.time() + 3.0
+        while live and loop.time() < deadline:
+            await asyncio.sleep(0.05)

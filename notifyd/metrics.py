@@ -135,6 +135,13 @@ class Metrics:
             "Reads of the shared history stream (each serves a batch of resumes)",
             registry=registry,
         )
+        self.history_requests = Counter(
+            "notifyd_history_requests",
+            "History page requests (GET /api/history, the history message) by transport and"
+            " outcome",
+            ["transport", "outcome"],
+            registry=registry,
+        )
         self.resumes = Counter(
             "notifyd_resumes", "Resume requests by outcome", ["outcome"], registry=registry
         )
@@ -294,6 +301,23 @@ class Metrics:
             "notifyd_history_bindings",
             "Keys bound on the notifyd exchange only for the in-memory history (users and topics"
             " gone for longer than [ws] binding_grace, within [history] max_age)",
+            registry=registry,
+        )
+        self.sse_connections = Gauge(
+            "notifyd_sse_connections",
+            "Open Server-Sent Events streams (also counted in notifyd_connections)",
+            registry=registry,
+        )
+        self.sse_tickets = Counter(
+            "notifyd_sse_tickets",
+            "SSE tickets by outcome (issued, redeemed, reused, expired, invalid)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.sse_messages = Counter(
+            "notifyd_sse_messages",
+            "POST /api/messages requests by message type and HTTP status",
+            ["type", "status"],
             registry=registry,
         )
         # (A new metric: an attribute above, registry=registry, same style.)

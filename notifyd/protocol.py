@@ -13,6 +13,7 @@ import json
 import os
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeGuard
 
@@ -160,18 +161,59 @@ def channel_for_routing_key(key: str) -> Channel | None:
 # --- notification ids -----------------------------------------------------------------
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_CROCKFORD_VALUES: Final = {char: value for value, char in enumerate(_CROCKFORD)}
+#: Bits of an id after its time part: random in a generated id, a content digest's in
+#: a content id (:meth:`IdGenerator.content`).
+ID_RANDOM_BITS: Final = 80
+#: Bytes of a content digest, all of which go into a content id.
+DIGEST_SIZE: Final = ID_RANDOM_BITS // 8
+_RANDOM_MASK: Final = (1 << ID_RANDOM_BITS) - 1
+_MAX_MS: Final = (1 << 48) - 1
+#: Digests whose content id took a millisecond not yet past, at most (see
+#: :meth:`IdGenerator.content`); older entries no longer matter and are dropped.
+CONTENT_MEMORY: Final = 65_536
+
+
+def format_id(ms: int, bits: int) -> str:
+    """The 26-character ULID of ``ms`` (48 bits) and ``bits`` (80 bits)."""
+    value = ((ms & _MAX_MS) << ID_RANDOM_BITS) | (bits & _RANDOM_MASK)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def _parse_id(notification_id: str) -> int | None:
+    """The 128-bit value of a ULID, or None if ``notification_id`` is not one."""
+    if len(notification_id) != 26:
+        return None
+    value = 0
+    for char in notification_id:
+        digit = _CROCKFORD_VALUES.get(char)
+        if digit is None:
+            return None
+        value = value * 32 + digit
+    # 26 characters hold 130 bits; in a ULID the top 2 are zero.
+    return value if value >> 128 == 0 else None
 
 
 class IdGenerator:
-    """ULID-style ids: 48-bit milliseconds + 80 random bits, monotonic in-process.
+    """ULID-style ids: 48-bit milliseconds + 80 more bits.
 
-    Ids sort by creation time, so generated ids are time-ordered across replicas
-    (to the millisecond) and strictly increasing within one process.
+    :meth:`new`: 80 random bits, strictly increasing in-process. :meth:`content`: the
+    bits of a content digest, so that every replica (and a reader of the shared
+    stream) names the same message without ``message_id`` with the same 80 bits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, memory: int = CONTENT_MEMORY) -> None:
         self._last_ms = -1
         self._last_rand = 0
+        self._memory = memory
+        #: Never decreases: a clock stepping back must not hand out an id again.
+        self._content_ms = -1
+        #: digest -> the millisecond its last content id took (updated entries last).
+        self._recent: OrderedDict[bytes, int] = OrderedDict()
 
     def new(self, now_ms: int | None = None) -> str:
         """A new id for ``now_ms`` (unix ms; default: now), greater than every earlier one."""
@@ -182,27 +224,43 @@ class IdGenerator:
         else:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # leave room to increment
         self._last_ms, self._last_rand = ms, rand
-        value = (ms << 80) | (rand & ((1 << 80) - 1))
-        chars = []
-        for _ in range(26):
-            chars.append(_CROCKFORD[value & 31])
-            value >>= 5
-        return "".join(reversed(chars))
+        return format_id(ms, rand)
+
+    def content(self, digest: bytes, now_ms: int | None = None) -> str:
+        """The content id of a message without ``message_id``: time part ``now_ms``
+        (unix ms; default: now), then the first 80 bits of ``digest``.
+
+        Clients drop a notification whose id they already got, so the same content
+        twice in one millisecond takes the next millisecond (per digest only: other
+        content keeps the clock's time). Remembers at most ``memory`` digests, those
+        whose last id is not yet in the past.
+        """
+        ms = max(int(time.time() * 1000) if now_ms is None else now_ms, self._content_ms)
+        self._content_ms = ms
+        recent = self._recent
+        while recent:
+            oldest, oldest_ms = next(iter(recent.items()))
+            if oldest_ms >= ms and len(recent) < self._memory:
+                break
+            del recent[oldest]
+        last = recent.pop(digest, None)
+        if last is not None and last >= ms:  # this content took ``ms`` already
+            ms = last + 1
+        recent[digest] = ms  # last: entries go in the order they were last used
+        return format_id(ms, int.from_bytes(digest[:DIGEST_SIZE], "big"))
 
 
 def id_timestamp_ms(notification_id: str) -> int | None:
-    """Milliseconds encoded in a generated id, or None if it is not one of ours."""
-    if len(notification_id) != 26:
-        return None
-    value = 0
-    for char in notification_id[:10]:
-        digit = _CROCKFORD.find(char)
-        if digit < 0:
-            return None
-        value = value * 32 + digit
-    # 26 characters hold 130 bits, the top 2 always zero: the first 10 characters
-    # are those 2 bits and the 48 bits of milliseconds.
-    return value
+    """Milliseconds encoded in a ULID (generated or content id), or None if it is not one."""
+    value = _parse_id(notification_id)
+    return None if value is None else value >> ID_RANDOM_BITS
+
+
+def id_digest(notification_id: str) -> bytes | None:
+    """The 80 bits after the time part of a ULID, as :data:`DIGEST_SIZE` bytes (a content
+    id's digest: see :meth:`IdGenerator.content`), or None if it is not a ULID."""
+    value = _parse_id(notification_id)
+    return None if value is None else (value & _RANDOM_MASK).to_bytes(DIGEST_SIZE, "big")
 
 
 # --- client -> server -----------------------------------------------------------------
@@ -277,7 +335,20 @@ class Send:
     ref: Any = None
 
 
-ClientMessage = Auth | Refresh | Subscribe | Unsubscribe | Resume | Ping | Ack | Publish | Send
+@dataclass(frozen=True, slots=True)
+class History:
+    """A page of ``channel``'s history: ``limit`` (None: the default) notifications
+    strictly older than ``before`` (None: from the newest), newest first."""
+
+    channel: Channel
+    limit: int | None = None
+    before: str | None = None
+    ref: Any = None
+
+
+ClientMessage = (
+    Auth | Refresh | Subscribe | Unsubscribe | Resume | Ping | Ack | Publish | Send | History
+)
 
 MAX_EVENT_LENGTH: Final = 64
 MAX_ID_LENGTH: Final = 128
@@ -385,6 +456,8 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
         event = _event(msg, ref, required=True)
         assert event is not None
         return Send(event, data, ref)
+    if kind == "history":
+        return history_request(msg.get("channel"), msg.get("limit"), msg.get("before"), ref)
     if kind == "auth":
         return Auth(_string(msg, "token", 8192, ref), _since(msg, ref), ref)
     if kind == "refresh":
@@ -397,6 +470,21 @@ def parse_client_message(text: str | bytes) -> ClientMessage:
     if not isinstance(kind, str):
         raise ProtocolError("bad_message", "message needs a string 'type'", ref)
     raise ProtocolError("unknown_type", f"unknown message type {kind[:32]!r}", ref)
+
+
+def history_request(channel: object, limit: object, before: object, ref: Any = None) -> History:
+    """Validate a history request's fields (a ``history`` message's, or the query of
+    ``GET /api/history``, whose ``limit`` is text); raises ProtocolError. The upper
+    bound of ``limit`` (``[history] page_max``) is checked by whoever reads the page."""
+    if isinstance(limit, str) and limit.isdigit() and len(limit) <= 9:
+        limit = int(limit)
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ProtocolError("bad_message", "'limit' must be a positive integer", ref)
+    if before is not None and (
+        not isinstance(before, str) or not before or len(before) > MAX_ID_LENGTH
+    ):
+        raise ProtocolError("bad_message", "'before' must be a notification id", ref)
+    return History(_channel({"channel": channel}, ref), limit, before, ref)
 
 
 def _channel(msg: dict[str, Any], ref: Any, presence: bool = False) -> Channel:

@@ -32,6 +32,7 @@ from typing import Any, Final
 from .auth import Identity
 from .closes import CloseReason
 from .errors import ProtocolError, WebSocketError
+from .history import may_read
 from .metrics import Metrics
 from .protocol import (
     Ack,
@@ -39,6 +40,7 @@ from .protocol import (
     Channel,
     ClientMessage,
     CloseCode,
+    History,
     Notification,
     Ping,
     Publish,
@@ -50,6 +52,7 @@ from .protocol import (
     Unsubscribe,
     answer,
     error,
+    id_digest,
     parse_client_message,
     welcome,
 )
@@ -176,6 +179,16 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class ReadHistory:
+    """Read a page of a channel's history for the client's ``history`` message; answer
+    with :meth:`Session.done` (the page: ``channel``, ``notifications``, ``next_before``)
+    or :meth:`Session.failed`. The channel is one the session's identity may read."""
+
+    message: History
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
 class Acked:
     """The client acknowledged notification ``id`` (for delivery receipts)."""
 
@@ -206,6 +219,7 @@ Action = (
     | Watch
     | Unwatch
     | Upstream
+    | ReadHistory
     | Acked
     | Leave
     | CloseTransport
@@ -488,8 +502,9 @@ class Session:
             )
             self._read(now)
 
-    def done(self, result: str | None, now: float) -> None:
-        """A subscribe or upstream message went through; ``result``: a published id."""
+    def done(self, result: str | dict[str, Any] | None, now: float) -> None:
+        """A subscribe, upstream or history message went through; ``result``: a
+        published id, or a history page."""
         busy = self._busy
         if busy is None or self.state is not State.OPEN:
             return
@@ -502,6 +517,16 @@ class Session:
         elif isinstance(busy, Send):
             self.config.metrics.upstream_messages.labels("send", "accepted").inc()
             self._send(answer("sent", busy.ref))
+        elif isinstance(busy, History) and isinstance(result, dict):
+            self._send(
+                answer(
+                    "history",
+                    busy.ref,
+                    channel=result["channel"],
+                    notifications=result["notifications"],
+                    next_before=result["next_before"],
+                )
+            )
         self._read(now)
 
     def failed(self, code: str, message: str, now: float, outcome: str = "broker_down") -> None:
@@ -693,6 +718,7 @@ class Session:
         if replay:
             self._skip = frozenset(n.id for n in replay)
             self._skip_until = now + SKIP_WINDOW
+            held = _not_replayed(held, replay, self._skip)
         for frame, seq in held:
             self.live(frame, seq, 0, now)
 
@@ -744,6 +770,17 @@ class Session:
             case Send():
                 self._busy = message
                 self._request(Upstream(message))
+            case History(channel=channel):
+                assert self.identity is not None
+                if not may_read(self.identity, channel):
+                    self.config.metrics.history_requests.labels("ws", "forbidden").inc()
+                    raise ProtocolError("forbidden", f"token does not allow reading {channel}")
+                # Like a resume, a page may read the shared history: it costs as much.
+                if not self._take_token(now, RESUME_COST - 1):
+                    self._rate_limited(now)
+                    return
+                self._busy = message
+                self._request(ReadHistory(message, self.identity))
             case Auth():
                 raise ProtocolError("already_authenticated", "this socket is authenticated")
 
@@ -803,6 +840,36 @@ class Session:
                 self._request(Unwatch(user))
         self._watch_token(now)
         self._send(answer("refreshed", expires_at=int(identity.expires_at)))
+
+
+def _not_replayed(
+    held: list[tuple[bytes, int]], replay: list[Notification], replayed_ids: frozenset[str]
+) -> list[tuple[bytes, int]]:
+    """The held frames that the replay did not already contain.
+
+    A message published without ``message_id`` has a content id (time + digest,
+    :meth:`IdGenerator.content`) whose time part differs between the live copy and
+    the stream's: during the read, the same message is held live and replayed
+    under two ids. Each replayed content digest therefore cancels one held frame
+    with that digest. Held frames only (they arrived while the replay was read), not
+    later live ones: identical content published again later is a new notification.
+    """
+    digests: dict[bytes, int] = {}
+    for notification in replay:
+        digest = id_digest(notification.id)
+        if digest is not None:
+            digests[digest] = digests.get(digest, 0) + 1
+    kept = []
+    for frame, seq in held:
+        frame_id = _frame_id(frame)
+        digest = id_digest(frame_id) if frame_id is not None else None
+        if digest is not None and digests.get(digest, 0) > 0:
+            digests[digest] -= 1
+            continue
+        if frame_id in replayed_ids:
+            continue
+        kept.append((frame, seq))
+    return kept
 
 
 def _frame_id(frame: bytes) -> str | None:

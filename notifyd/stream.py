@@ -16,15 +16,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from aio_pika.abc import AbstractConnection
 
-from .amqp import EXCHANGE, HISTORY_STREAM, Delivery
+from .amqp import EXCHANGE, HISTORY_STREAM, STREAM_OFFSET_HEADER, Delivery
 from .broker import Broker, read_to_marker, scratch_channel
 from .config import HistorySettings
-from .errors import InvalidMessage
+from .errors import BrokerUnavailable, InvalidMessage
+from .history import HistoryPage, page_of
+from .logs import Throttle
 from .metrics import Metrics
 from .protocol import (
     BROADCAST,
@@ -33,6 +37,7 @@ from .protocol import (
     Notification,
     ResumePoint,
     channel_for_routing_key,
+    id_digest,
     id_timestamp_ms,
 )
 
@@ -51,6 +56,9 @@ READ_TIMEOUT = 15.0
 #: between them (a stream electing a new leader takes a few seconds).
 READ_ATTEMPTS = 2
 RETRY_PAUSE = 1.0
+#: A history page reads the stream in windows going back in time: the newest this
+#: many seconds, each earlier one twice as long as the one after it.
+PAGE_WINDOW = 10.0
 
 
 @dataclass(eq=False)
@@ -60,6 +68,74 @@ class _Request:
     future: asyncio.Future[list[Notification] | None]
     found: bool = False
     missed: list[Notification] = field(default_factory=list)
+    #: The digest bits of ``since.id`` if it is a ULID: a content id names a message
+    #: without ``message_id`` by them (see :meth:`notifyd.protocol.IdGenerator.content`).
+    digest: bytes | None = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.digest = id_digest(self.since.id) if self.since.id else None
+
+
+class _Scan:
+    """What one read of the stream does with each delivery, with no I/O.
+
+    A request's resume point is the first delivery that has its ``since`` id as
+    ``message_id``, or, without ``message_id``, is on one of its channels and has
+    the digest of its ``since`` content id. The same content again within the
+    read (a publisher repeating a body) matches at its first occurrence: the
+    client is sent again what followed, never less. Found, a request collects
+    what follows on its channels; what has no ``message_id`` gets a content id
+    whose time part is ``start_ms`` (not before the read's start, so a resume from
+    it reads from early enough), one millisecond more for each repeat of the same
+    content, so that ids of one read stay distinct.
+    """
+
+    def __init__(self, batch: list[_Request], start_ms: int, now: float, max_body: int) -> None:
+        self.batch = batch
+        self.start_ms = start_ms
+        self.now = now
+        self.max_body = max_body
+        # Remembers every digest of the read: a repeat must never take an id again.
+        self.ids = IdGenerator(memory=sys.maxsize)
+        for request in batch:  # from scratch: this may be a second attempt
+            request.missed.clear()
+            request.found = not request.since.id  # a gap read has no id to look for
+
+    def __call__(self, delivery: Delivery) -> None:
+        batch = self.batch
+        channel = channel_for_routing_key(delivery.routing_key)
+        # Decoded only when a resuming socket reads its channel: most of the
+        # stream is other users' traffic (so is the digest computed).
+        wanting = [r for r in batch if r.found and channel in r.channels]
+        message_id = delivery.message_id
+        digest = None
+        if message_id is not None:
+            for request in batch:
+                if not request.found and message_id == request.since.id:
+                    request.found = True
+        else:
+            for request in batch:
+                if not request.found and request.digest is not None and channel in request.channels:
+                    if digest is None:
+                        digest = delivery.digest()
+                    if digest == request.digest:
+                        request.found = True
+        if not wanting:
+            return
+        now = self.now
+        try:
+            notification = delivery.notification(
+                ids=self.ids,
+                max_body_size=self.max_body,
+                now=now,
+                id_ms=self.start_ms,
+                digest=digest,
+            )
+        except InvalidMessage:
+            return
+        if notification.expires_at is None or notification.expires_at > now:
+            for request in wanting:
+                request.missed.append(notification)
 
 
 class StreamHistory:
@@ -74,9 +150,11 @@ class StreamHistory:
         self._pending: list[_Request] = []
         self._flush: asyncio.TimerHandle | None = None
         self._reads: set[asyncio.Task[None]] = set()
-        # Replay never generates ids that matter: a message without message_id
-        # gets a fresh id here and so can never equal a client's resume point.
+        # Names messages without message_id by content (a read names them with its
+        # own generator: see _Scan).
         self._ids = IdGenerator()
+        #: History page reads that failed are counted per request, logged once a minute.
+        self._page_failures = Throttle()
 
     async def on_connected(self, connection: AbstractConnection) -> None:
         """Declare the stream and bind it (idempotent; every replica does the same).
@@ -128,16 +206,16 @@ class StreamHistory:
         A resume point with no time (a publisher's own id, no ``since_ts``) starts
         ``scan_without_time`` seconds back, not at the start of the retention
         window: reading and decoding all of it would cost seconds of CPU per resume.
+        With both ``since_ts`` and a time in the id, the earlier counts: a replayed
+        notification without publish time has the replay's time as ``ts``, later
+        than where it is in the stream (its content id's time is not).
         """
         oldest = now - self.settings.max_age
         unknown = now - min(self.settings.scan_without_time, self.settings.max_age)
         starts = []
         for request in batch:
-            ms = (
-                request.since.ts
-                if request.since.ts is not None
-                else id_timestamp_ms(request.since.id)
-            )
+            times = [request.since.ts, id_timestamp_ms(request.since.id)]
+            ms = min((t for t in times if t is not None), default=None)
             starts.append(unknown if ms is None else max(oldest, ms / 1000 - SKEW_MARGIN))
         return dt.datetime.fromtimestamp(min(starts), tz=dt.UTC)
 
@@ -195,42 +273,108 @@ class StreamHistory:
     async def _read_until_marker(
         self, batch: list[_Request], connection: AbstractConnection
     ) -> None:
-        for request in batch:  # from scratch: this may be a second attempt
-            request.missed.clear()
-            request.found = not request.since.id  # a gap read has no id to look for
         now = time.time()
-        max_body = self.broker.settings.max_body_size
-
-        def handle(delivery: Delivery) -> None:
-            channel = channel_for_routing_key(delivery.routing_key)
-            # Decoded only when a resuming socket reads its channel: most of the
-            # stream is other users' traffic.
-            wanting = [r for r in batch if r.found and channel in r.channels]
-            message_id = delivery.message_id
-            if message_id is not None:
-                for request in batch:
-                    if not request.found and message_id == request.since.id:
-                        request.found = True
-            if not wanting:
-                return
-            try:
-                notification = delivery.notification(ids=self._ids, max_body_size=max_body, now=now)
-            except InvalidMessage:
-                return
-            if notification.expires_at is None or notification.expires_at > now:
-                for request in wanting:
-                    request.missed.append(notification)
-
+        start = self._start_offset(batch, now)
+        handle = _Scan(
+            batch, int(start.timestamp() * 1000), now, self.broker.settings.max_body_size
+        )
         # The marker is sent on the reading channel, so this works before the broker
         # reports itself connected (a recovery after a lost queue).
         async with scratch_channel(connection) as channel:
             raw = await channel.get_underlay_channel()
-            await read_to_marker(
-                raw, HISTORY_STREAM, self._start_offset(batch, now), handle, PREFETCH
-            )
+            await read_to_marker(raw, HISTORY_STREAM, start, handle, PREFETCH)
         for request in batch:
             if not request.future.done():
                 request.future.set_result(_dedupe(request.missed) if request.found else None)
+
+    async def read_page(
+        self, channel: Channel, limit: int, before: str | None
+    ) -> HistoryPage | None:
+        """Up to ``limit`` notifications of ``channel``, newest first, strictly older
+        than ``before`` (None: from the newest), from the whole retention window.
+
+        None when ``before`` is not in the stream (never there, or past ``max_age``).
+        Raises BrokerUnavailable when the stream cannot be read (not connected, the
+        read failed or took longer than :data:`READ_TIMEOUT`). Each call reads on
+        its own (history pages are not batched like resumes).
+        """
+        connection = self.broker.connection
+        if connection is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        try:
+            return await asyncio.wait_for(
+                self._read_page(connection, channel, limit, before), READ_TIMEOUT
+            )
+        except Exception as exc:
+            # Whatever failed (a timeout, a lost stream member, a closed channel), the
+            # client is told to retry, never shown the error.
+            if self._page_failures.due():
+                log.warning(
+                    "history page read failed: %s (stream %s; answered broker_unavailable,"
+                    " counted in notifyd_history_requests_total)",
+                    repr(exc) if not str(exc) else exc,
+                    HISTORY_STREAM,
+                )
+            raise BrokerUnavailable("the history stream cannot be read right now") from None
+
+    async def _read_page(
+        self,
+        connection: AbstractConnection,
+        channel: Channel,
+        limit: int,
+        before: str | None,
+    ) -> HistoryPage | None:
+        """Read windows back in time until ``limit`` + 1 older than ``before`` are found
+        (one more than asked tells that an older page exists) or ``max_age`` is reached.
+
+        The stream reads forwards only: the newest window is read up to a marker, each
+        earlier one (twice as long) up to the first offset of the window read before
+        it, so nothing is read twice. Only deliveries on ``channel`` are decoded, and a
+        window keeps at most the ``limit`` + 1 newest of them.
+        """
+        now = time.time()
+        oldest = now - self.settings.max_age
+        anchor = now
+        if before is not None:
+            # A generated id says when it was published: the newest window starts
+            # there, not at now. Still read to the end, so a wrong guess only costs time.
+            ms = id_timestamp_ms(before)
+            if ms is not None:
+                anchor = min(now, max(oldest, ms / 1000 + SKEW_MARGIN))
+        found = before is None
+        #: Newest first, all older than ``before``.
+        kept: list[Notification] = []
+        #: The first offset of the earliest window read that held anything.
+        stop: int | None = None
+        span = PAGE_WINDOW
+        while True:
+            start = max(oldest, anchor - span)
+            window = _PageWindow(
+                channel,
+                None if found else before,
+                now,
+                keep=limit + 1 - len(kept),
+                max_body_size=self.broker.settings.max_body_size,
+            )
+            offset = dt.datetime.fromtimestamp(start, tz=dt.UTC)
+            async with scratch_channel(connection) as amqp_channel:
+                raw = await amqp_channel.get_underlay_channel()
+                await read_to_marker(
+                    raw, HISTORY_STREAM, offset, window, PREFETCH, until_offset=stop
+                )
+            if found or window.found:
+                # Everything this window kept is older than all kept before.
+                found = True
+                kept.extend(reversed(window.newest))
+            # (else before is further back: all this window held is newer than it)
+            if window.first_offset is not None:
+                stop = window.first_offset
+            if len(kept) > limit or start <= oldest:
+                break
+            span *= 2
+        if not found:
+            return None
+        return page_of(kept, limit, more=False)
 
     async def close(self) -> None:
         """Stop reading: every resume waiting for an answer gets None. Never raises."""
@@ -245,6 +389,81 @@ class StreamHistory:
             if not request.future.done():
                 request.future.set_result(None)
         self._pending.clear()
+
+
+class _PageWindow:
+    """One window of a history page read (see :meth:`StreamHistory.read_page`): what
+    it keeps of the deliveries handed to it, in stream order, with no I/O."""
+
+    def __init__(
+        self,
+        channel: Channel,
+        before: str | None,
+        now: float,
+        keep: int,
+        max_body_size: int,
+    ) -> None:
+        self.channel = channel
+        #: The id to find in this window (None: found in a newer one, or no ``before``).
+        self.before = before
+        #: A content id names a message without ``message_id`` by its digest (its time
+        #: part is when some replica read it): such a ``before`` is matched by digest.
+        self.before_digest = id_digest(before) if before is not None else None
+        self.now = now
+        self.max_body_size = max_body_size
+        #: The newest ``keep`` notifications older than ``before``, in stream order.
+        self.newest: deque[Notification] = deque(maxlen=keep)
+        #: Those after the last match of ``before`` so far: older than a later match,
+        #: newer than ``before`` if none follows.
+        self.pending: deque[Notification] = deque(maxlen=keep)
+        self.found = False
+        self.first_offset: int | None = None
+        # Its own: a generator's content ids never go back in time, and each window is
+        # older than the one read before it.
+        self.ids = IdGenerator()
+
+    def __call__(self, delivery: Delivery) -> None:
+        if self.first_offset is None:
+            offset = delivery.headers.get(STREAM_OFFSET_HEADER)
+            if isinstance(offset, int) and not isinstance(offset, bool):
+                self.first_offset = offset
+        # Decoded only on the page's channel: most of the stream is other traffic.
+        if channel_for_routing_key(delivery.routing_key) != self.channel:
+            return
+        digest = None
+        if self.before is not None:
+            if delivery.message_id is not None:
+                match = delivery.message_id == self.before
+            else:
+                digest = delivery.digest()
+                match = digest == self.before_digest
+            if match:
+                # The last match counts (the same content may come twice): what
+                # came before it is older.
+                self.found = True
+                self.newest.extend(self.pending)
+                self.pending.clear()
+                return
+        try:
+            notification = delivery.notification(
+                ids=self.ids,
+                max_body_size=self.max_body_size,
+                now=self.now,
+                # A content id's time part: when it was published, so that a page
+                # starting from it (``before``) reads from about there.
+                id_ms=_published_ms(delivery),
+                digest=digest,
+            )
+        except InvalidMessage:
+            return
+        if notification.expires_at is not None and notification.expires_at <= self.now:
+            return
+        (self.newest if self.before is None else self.pending).append(notification)
+
+
+def _published_ms(delivery: Delivery) -> int | None:
+    published = delivery.published_at
+    return None if published is None else int(published * 1000)
 
 
 def _dedupe(notifications: list[Notification]) -> list[Notification]:

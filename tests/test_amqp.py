@@ -9,12 +9,15 @@ import json
 import logging
 import time
 import uuid
+from decimal import Decimal
 from typing import Any
+from unittest import mock
 
 import aio_pika
 import pytest
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
+from pamqp.common import FieldValue
 from pamqp.header import ContentHeader
 
 from notifyd.amqp import (
@@ -25,6 +28,7 @@ from notifyd.amqp import (
     Delivery,
     Disconnect,
     Revoke,
+    content_digest,
     dead_letter_message,
     decode_control,
     decode_notification,
@@ -38,8 +42,15 @@ from notifyd.broker import Broker
 from notifyd.config import HistorySettings
 from notifyd.devbroker import RabbitNode
 from notifyd.errors import InvalidMessage, ProtocolError
-from notifyd.protocol import Channel, IdGenerator, Notification, ResumePoint, id_timestamp_ms
-from notifyd.stream import BATCH_WINDOW, StreamHistory
+from notifyd.protocol import (
+    Channel,
+    IdGenerator,
+    Notification,
+    ResumePoint,
+    id_digest,
+    id_timestamp_ms,
+)
+from notifyd.stream import BATCH_WINDOW, StreamHistory, _Request, _Scan
 
 from .conftest import AmqpPublisher, ServerFactory, amqp_publisher, new_user, receive_until
 
@@ -181,6 +192,114 @@ def test_only_consumed_deliveries_are_read() -> None:
         Delivery.of(_delivered(Basic.GetOk(1, False, "notifyd", "user.1"), Basic.Properties(), b""))
 
 
+# --- content ids -----------------------------------------------------------------------
+
+#: What a publisher may set, header values of every type AMQP tables carry.
+PLAIN_PROPERTIES: dict[str, Any] = {
+    "content_type": "application/json",
+    "timestamp": dt.datetime.fromtimestamp(1_600_000_000, tz=dt.UTC),
+    "expiration": "60000",
+    "message_type": "order",
+    "correlation_id": "c-1",
+    "headers": {
+        "tenant": "acme", "n": 7, "ratio": 0.5, "flag": True, "none": None, "raw": b"\x00\xff",
+        "price": Decimal("9.99"), "at": dt.datetime(2024, 1, 2, tzinfo=dt.UTC),
+        "nested": {"b": [1, "two", b"3"], "a": {}},
+    },
+}  # fmt: skip
+
+
+def _plain_delivery(
+    key: str = "user.42", body: bytes = b'{"data": 1}', tag: int = 1, **changes: Any
+) -> Delivery:
+    """A delivery of a message without message_id, as aiormq hands it over."""
+    properties = {**PLAIN_PROPERTIES, **changes}
+    return Delivery.of(
+        _delivered(Basic.Deliver("c", tag, routing_key=key), Basic.Properties(**properties), body)
+    )
+
+
+def test_a_message_without_id_has_the_same_content_id_bits_on_every_replica() -> None:
+    on_a = _plain_delivery(tag=3)
+    # The stream's copy: RabbitMQ adds x- headers, may drop tables, arrays and decimals
+    # (3.10 does), and the headers may come in another order.
+    headers = {
+        name: value
+        for name, value in reversed(PLAIN_PROPERTIES["headers"].items())
+        if not isinstance(value, dict | Decimal)
+    }
+    headers["x-stream-offset"] = 1234
+    headers["x-death"] = [{"count": 1, "queue": "q", "reason": "expired"}]
+    in_stream = _plain_delivery(tag=900, headers=headers)
+    assert on_a.message_type == "order" and on_a.correlation_id == "c-1"
+    assert on_a.digest() == in_stream.digest() and len(on_a.digest()) == 10
+    first = on_a.notification(ids=IdGenerator(), max_body_size=1000, now=NOW)
+    second = in_stream.notification(ids=IdGenerator(), max_body_size=1000, now=NOW + 0.25)
+    assert id_digest(first.id) == id_digest(second.id) == on_a.digest()
+    # The time part is when the replica received it, not the publish time (timestamp).
+    assert id_timestamp_ms(first.id) == 1_700_000_000_000
+    assert id_timestamp_ms(second.id) == 1_700_000_000_250
+    assert first.ts == 1_600_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("key", "body", "changes"),
+    [
+        ("user.43", b'{"data": 1}', {}),
+        ("user.42", b'{"data": 2}', {}),
+        ("user.42", b'{"data":1}', {}),  # the bytes count, not the JSON they hold
+        ("user.42", b'{"data": 1}', {"content_type": "text/plain"}),
+        (
+            "user.42",
+            b'{"data": 1}',
+            {"timestamp": dt.datetime.fromtimestamp(1_600_000_001, tz=dt.UTC)},
+        ),
+        ("user.42", b'{"data": 1}', {"expiration": "60001"}),
+        ("user.42", b'{"data": 1}', {"message_type": "refund"}),
+        ("user.42", b'{"data": 1}', {"correlation_id": "c-2"}),
+        ("user.42", b'{"data": 1}', {"headers": {**PLAIN_PROPERTIES["headers"], "n": 8}}),
+        ("user.42", b'{"data": 1}', {"headers": {**PLAIN_PROPERTIES["headers"], "n": "7"}}),
+        ("user.42", b'{"data": 1}', {"headers": {**PLAIN_PROPERTIES["headers"], "flag": 1}}),
+        (
+            "user.42",
+            b'{"data": 1}',
+            {"headers": {**PLAIN_PROPERTIES["headers"], "raw": b"\x00\xfe"}},
+        ),
+        (
+            "user.42",
+            b'{"data": 1}',
+            {
+                "headers": {
+                    **PLAIN_PROPERTIES["headers"],
+                    "at": dt.datetime(2024, 1, 3, tzinfo=dt.UTC),
+                }
+            },
+        ),
+        ("user.42", b'{"data": 1}', {"headers": None}),
+    ],
+)
+def test_other_content_has_another_digest(key: str, body: bytes, changes: dict[str, Any]) -> None:
+    assert _plain_delivery(key, body, **changes).digest() != _plain_delivery().digest()
+
+
+def test_decoding_without_a_delivery_names_by_the_same_digest() -> None:
+    notification = _decode("user.42", b'{"data": 1}', headers={"a": 1}, expiration="5")
+    digest = content_digest(
+        "user.42", b'{"data": 1}', headers={"a": 1, "x-death": []}, expiration="5"
+    )
+    assert id_digest(notification.id) == digest
+    assert Delivery("user.42", b'{"data": 1}', headers={"a": 1}, expiration="5").digest() == digest
+    # A message_id is the id: no content id, however the content.
+    assert _decode("user.42", b'{"data": 1}', message_id="m-1").id == "m-1"
+
+
+def test_two_identical_messages_are_two_notifications() -> None:
+    ids = IdGenerator()
+    twice = [_plain_delivery().notification(ids=ids, max_body_size=1000, now=NOW) for _ in "ab"]
+    assert twice[0].id != twice[1].id
+    assert id_digest(twice[0].id) == id_digest(twice[1].id)
+
+
 def test_control_messages() -> None:
     assert decode_control(b'{"action": "disconnect", "user": "42"}', 0) == Disconnect("42")
     assert decode_control(b'{"action": "revoke", "jti": "t1"}', 100) == Revoke(("t1",), 86_500)
@@ -296,6 +415,112 @@ async def test_closing_the_stream_history_answers_the_reads_it_cancels() -> None
     await history.close()
     assert await asyncio.wait_for(waiting, 1) is None
     assert not history._reads
+
+
+# --- the stream's resume matcher -------------------------------------------------------
+
+START_MS = 1_699_999_995_000
+
+
+async def _scan(since: str, deliveries: list[Delivery], channels: list[str]) -> _Request:
+    """One read of ``deliveries`` for a resume from ``since`` on ``channels``."""
+    future: asyncio.Future[list[Notification] | None] = asyncio.get_running_loop().create_future()
+    request = _Request(ResumePoint(since), frozenset(map(Channel.user, channels)), future)
+    scan = _Scan([request], START_MS, NOW, 1000)
+    for delivery in deliveries:
+        scan(delivery)
+    return request
+
+
+def _stored(key: str = "user.42", body: bytes = b'{"data": 1}') -> Delivery:
+    """A message without message_id as read from the stream (not expired)."""
+    return _plain_delivery(key, body, expiration=None)
+
+
+def _data(notifications: list[Notification]) -> list[Any]:
+    return [_frame_json(n.frame)["data"] for n in notifications]
+
+
+async def test_a_resume_point_without_message_id_is_found_by_its_content_id() -> None:
+    stream = [
+        _stored(body=b'{"data": 0}'),
+        _stored("user.b", b'{"data": 1}'),  # the same content elsewhere
+        _stored(body=b'{"data": 1}'),  # the client saw this one last
+        _stored(body=b'{"data": 2}'),
+        _stored(body=b'{"data": 2}'),  # the same twice: two notifications
+        Delivery("user.a", b'{"data": 3}', message_id="m-3"),
+        _stored("user.a", b'{"data": 4}'),
+    ]
+    seen_on_a = IdGenerator().content(stream[2].digest(), 1_700_000_000_000)
+    request = await _scan(seen_on_a, stream, ["42", "a"])
+    assert request.found
+    assert _data(request.missed) == [2, 2, 3, 4]
+    ids = [n.id for n in request.missed]
+    assert len(set(ids)) == 4 and ids[2] == "m-3"
+    # Replayed without message_id: content ids no earlier than the read's start.
+    assert [id_timestamp_ms(i) for i in ids if i != "m-3"] == [START_MS, START_MS + 1, START_MS]
+    assert id_digest(ids[0]) == id_digest(ids[1]) == stream[3].digest()
+
+    # A later resume from a replayed id finds it (its time part bounds the next read).
+    again = await _scan(ids[0], stream, ["42", "a"])
+    assert _data(again.missed) == [2, 3, 4]
+
+
+async def test_the_content_of_a_resume_point_matches_on_the_clients_channels_only() -> None:
+    since = IdGenerator().content(_stored("user.b").digest(), 1_700_000_000_000)
+    stream = [_stored("user.b"), _stored("user.42", b'{"data": 5}')]
+    assert not (await _scan(since, stream, ["42"])).found
+    # A message with a message_id is matched by it alone, whatever its content.
+    since = IdGenerator().content(_stored().digest(), 1_700_000_000_000)
+    with_id = Delivery(**{**_asdict(_stored()), "message_id": "m-1"})
+    assert not (await _scan(since, [with_id], ["42"])).found
+    assert (await _scan(since, [with_id, _stored()], ["42"])).found
+
+
+async def test_identical_content_is_matched_at_its_first_occurrence() -> None:
+    """A known limit: a repeat, never a loss."""
+    stream = [_stored(body=b'{"data": "x"}'), _stored(body=b'{"data": 1}')]
+    stream += [_stored(body=b'{"data": "x"}'), _stored(body=b'{"data": 2}')]
+    since = IdGenerator().content(stream[2].digest(), 1_700_000_000_000)  # the second "x"
+    assert _data((await _scan(since, stream, ["42"])).missed) == [1, "x", 2]
+
+
+async def test_digests_are_computed_only_on_the_resuming_sockets_channels() -> None:
+    stream = [_stored(f"user.other{n}") for n in range(50)] + [_stored()]
+    since = IdGenerator().content(_stored().digest(), 1_700_000_000_000)
+    with mock.patch.object(
+        Delivery, "digest", autospec=True, side_effect=Delivery.digest
+    ) as digest:
+        request = await _scan(since, stream, ["42"])
+    assert request.found and digest.call_count == 1
+
+
+async def test_a_content_id_bounds_the_read_without_since_ts() -> None:
+    """A resume from a content id costs a read from just before it, not the
+    ``scan_without_time`` of an id that carries no time."""
+    from notifyd.config import AmqpSettings
+    from notifyd.stream import SKEW_MARGIN
+
+    broker = Broker(AmqpSettings(), lambda _: None, lambda _: None)
+    history = StreamHistory(HistorySettings(backend="stream", max_age=3600), broker)
+    future: asyncio.Future[list[Notification] | None] = asyncio.get_running_loop().create_future()
+
+    def start(since: str, since_ts: int | None = None) -> float:
+        request = _Request(ResumePoint(since, since_ts), frozenset(), future)
+        return history._start_offset([request], NOW).timestamp()
+
+    content_id = IdGenerator().content(bytes(10), int((NOW - 600) * 1000))
+    assert start(content_id) == NOW - 600 - SKEW_MARGIN
+    assert start(str(uuid.uuid4())) == NOW - HistorySettings().scan_without_time
+    # A replayed notification without publish time has the replay's time as ts: the
+    # earlier time of the two counts.
+    assert start(content_id, int((NOW - 10) * 1000)) == NOW - 600 - SKEW_MARGIN
+    assert start(content_id, int((NOW - 900) * 1000)) == NOW - 900 - SKEW_MARGIN
+    assert start(str(uuid.uuid4()), int((NOW - 10) * 1000)) == NOW - 10 - SKEW_MARGIN
+
+
+def _asdict(delivery: Delivery) -> dict[str, Any]:
+    return {name: getattr(delivery, name) for name in Delivery.__dataclass_fields__}
 
 
 # --- against RabbitMQ ------------------------------------------------------------------
@@ -422,3 +647,58 @@ async def test_the_gateway_publishes_with_a_ttl_and_asks_for_receipts(
     assert message.expiration == 60
     assert message.headers["notifyd-receipt"] is True
     assert isinstance(message.headers["notifyd-published-ms"], int)
+
+
+async def test_a_queue_and_a_stream_give_a_message_the_same_content_digest(
+    amqp_url: str,
+) -> None:
+    """What a replica consumes from its queue and what a resume reads from the stream
+    must name a message without message_id alike, whatever a publisher sets (on this
+    RabbitMQ, a stream drops header tables and arrays; a decimal cannot be stored)."""
+    headers = {
+        "tenant": "acme", "n": 7, "big": 2**40, "neg": -3, "ratio": 0.5, "flag": True,
+        "none": None, "raw": bytearray(b"\x00\xff"), "at": dt.datetime(2024, 1, 2, tzinfo=dt.UTC),
+        "nested": {"b": [1, "two"], "a": {}}, "list": [1, 2.5, "x", True], "empty": "",
+    }  # fmt: skip
+    sent = [
+        Basic.Properties(),
+        Basic.Properties(**{**PLAIN_PROPERTIES, "headers": headers}),
+    ]
+    name = f"digest-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        raw = await (await connection.channel()).get_underlay_channel()
+        await raw.exchange_declare(name, exchange_type="topic", auto_delete=True)
+        await raw.queue_declare(f"{name}.queue", auto_delete=True)
+        await raw.queue_declare(
+            f"{name}.stream", durable=True, arguments={"x-queue-type": "stream"}
+        )
+        got: dict[str, list[Delivery]] = {f"{name}.queue": [], f"{name}.stream": []}
+        try:
+            for queue in got:
+                await raw.queue_bind(queue, name, routing_key="#")
+            for n, properties in enumerate(sent):
+                await raw.basic_publish(b'{"data": %d}' % n, exchange=name, routing_key="user.42", properties=properties)  # fmt: skip
+            await raw.basic_qos(prefetch_count=10)
+            for queue, into in got.items():
+
+                async def take(message: DeliveredMessage, into: list[Delivery] = into) -> None:
+                    into.append(Delivery.of(message))
+
+                arguments: dict[str, FieldValue] | None = (
+                    {"x-stream-offset": "first"} if queue.endswith("stream") else None
+                )
+                await raw.basic_consume(queue, take, no_ack=False, arguments=arguments)
+            deadline = time.monotonic() + 10
+            while any(len(d) < len(sent) for d in got.values()) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            await raw.queue_delete(f"{name}.stream")
+    finally:
+        await connection.close()
+    from_queue, from_stream = got.values()
+    assert len(from_queue) == len(from_stream) == len(sent)
+    assert from_stream[1].message_type == "order"  # the properties did reach the stream
+    for replica, stream in zip(from_queue, from_stream, strict=True):
+        assert replica.digest() == stream.digest()
+    assert from_queue[0].digest() != from_queue[1].digest()

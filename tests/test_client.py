@@ -37,7 +37,7 @@ from notifyd.client import (
 )
 from notifyd.publisher import Publisher
 
-from .conftest import SECRET, ServerFactory, ServerProcess, new_user, token
+from .conftest import SECRET, AmqpPublisher, ServerFactory, ServerProcess, new_user, token
 
 NOTIFYD = (sys.executable, "-m", "notifyd")
 
@@ -334,6 +334,26 @@ async def test_requests_return_the_servers_answer_or_raise(
     assert errors == []  # every error answered a request
     with pytest.raises(ConnectionClosed):
         await client.ping()
+
+
+async def test_history_pages_newest_first_and_refuses_other_users(
+    make_server: ServerFactory, amqp: AmqpPublisher
+) -> None:
+    server = await make_server()
+    user = new_user()
+    async with Client(server.ws_url, token=token(user)) as client:
+        ids = [f"{user}-h{n}" for n in range(5)]
+        for n, message_id in enumerate(ids):
+            await amqp.send(f"user.{user}", {"data": {"n": n}}, message_id=message_id)
+        assert [n.id for n in await take(client, 5)] == ids
+        page = await client.history(f"user:{user}", limit=3)
+        assert [n["id"] for n in page["notifications"]] == ids[:1:-1]
+        assert [n["data"] for n in page["notifications"]] == [{"n": 4}, {"n": 3}, {"n": 2}]
+        older = await client.history(f"user:{user}", limit=3, before=page["next_before"])
+        assert [n["id"] for n in older["notifications"]] == ids[1::-1]
+        with pytest.raises(ClientError) as refused:
+            await client.history(f"user:{new_user()}")
+        assert refused.value.code == "forbidden"
 
 
 async def test_a_close_reconnecting_cannot_help_stops_the_client(

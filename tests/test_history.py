@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import json
 
-from notifyd.history import MemoryHistory, RecentIds
+from notifyd.auth import NO_GRANTS, Grants, Identity
+from notifyd.history import PAGE_BYTES, HistoryPage, MemoryHistory, RecentIds, may_read, page_of
 from notifyd.protocol import BROADCAST, Channel, Notification
 
 ALICE, BOB, NEWS = Channel("user", "alice"), Channel("user", "bob"), Channel("topic", "news")
@@ -121,3 +123,101 @@ def test_a_stream_resume_without_a_time_reads_a_bounded_window() -> None:
     assert start(ResumePoint(generated)) == now - 30 - SKEW_MARGIN
     # Never before the retention window.
     assert start(ResumePoint("x", ts=0)) == now - 3600
+
+
+# --- history pages (GET /api/history, the history message) ---------------------------
+
+
+def page_ids(page: HistoryPage | None) -> tuple[list[str], str | None] | None:
+    return None if page is None else ([x.id for x in page.notifications], page.next_before)
+
+
+def test_memory_pages_are_newest_first_down_to_the_oldest_retained() -> None:
+    history = MemoryHistory(max_per_channel=10, max_age=60, max_total=100)
+    for i in range(7):
+        history.record(n(f"a{i}"), now=0)
+        history.record(n(f"b{i}", BOB), now=0)
+    assert page_ids(history.page(ALICE, 3, None, now=0)) == (["a6", "a5", "a4"], "a4")
+    assert page_ids(history.page(ALICE, 3, "a4", now=0)) == (["a3", "a2", "a1"], "a1")
+    assert page_ids(history.page(ALICE, 3, "a1", now=0)) == (["a0"], None)
+    assert page_ids(history.page(ALICE, 3, "a0", now=0)) == ([], None)
+    # Exactly a page left: nothing older, so no next page.
+    assert page_ids(history.page(ALICE, 4, "a4", now=0)) == (["a3", "a2", "a1", "a0"], None)
+    assert page_ids(history.page(NEWS, 3, None, now=0)) == ([], None)
+
+
+def test_a_memory_page_from_an_id_it_does_not_hold_is_gone() -> None:
+    history = MemoryHistory(max_per_channel=3, max_age=60, max_total=100)
+    for i in range(5):
+        history.record(n(f"a{i}"), now=0)
+    history.record(n("b0", BOB), now=0)
+    assert page_ids(history.page(ALICE, 10, None, now=0)) == (["a4", "a3", "a2"], None)
+    assert history.page(ALICE, 10, "a1", now=0) is None  # evicted by count
+    assert history.page(ALICE, 10, "nope", now=0) is None
+    assert history.page(ALICE, 10, "b0", now=0) is None  # on another channel
+    assert history.page(ALICE, 10, "a3", now=120) is None  # past max_age
+    assert page_ids(history.page(ALICE, 10, None, now=120)) == ([], None)
+
+
+def test_a_page_is_cut_at_page_bytes_and_points_on() -> None:
+    big = [
+        Notification(id=f"x{i}", channel=ALICE, frame=b"x" * (PAGE_BYTES // 3), ts=0)
+        for i in range(5)
+    ]
+    assert page_ids(page_of(big, 10, more=False)) == (["x0", "x1", "x2"], "x2")
+    huge = [Notification(id="h", channel=ALICE, frame=b"x" * (PAGE_BYTES + 1), ts=0)]
+    assert page_ids(page_of(huge, 10, more=False)) == (["h"], None)  # one at least
+    assert page_ids(page_of(big[:2], 2, more=True)) == (["x0", "x1"], "x1")
+
+
+def test_who_may_read_which_channel() -> None:
+    identity = Identity("alice", 0, Grants.parse(["news", "chat.*"], "topics"), NO_GRANTS)
+    assert may_read(identity, ALICE)
+    assert may_read(identity, BROADCAST)
+    assert may_read(identity, NEWS)
+    assert may_read(identity, Channel.topic("chat.room1"))
+    assert not may_read(identity, BOB)
+    assert not may_read(identity, Channel.topic("sport"))
+    assert not may_read(identity, Channel.topic("chat"))
+
+
+def test_a_stream_page_window_keeps_the_newest_older_than_before() -> None:
+    """What one window of a stream page read keeps (pure: deliveries built by hand)."""
+    from notifyd.amqp import Delivery
+    from notifyd.stream import _PageWindow
+
+    def delivery(offset: int, key: str, data: int, message_id: str | None = None) -> Delivery:
+        body = json.dumps({"data": data}).encode()
+        headers = {"x-stream-offset": offset}
+        return Delivery(key, body, message_id=message_id, timestamp=1000.0, headers=headers)
+
+    stream = [
+        delivery(10, "user.alice", 0, "m0"),
+        delivery(11, "user.bob", 1, "m1"),
+        delivery(12, "user.alice", 2),  # no message_id: a content id
+        delivery(13, "user.alice", 3, "m3"),
+        delivery(14, "user.alice", 4, "m4"),
+        delivery(15, "user.alice", 5, "m5"),
+    ]
+
+    def read(before: str | None, keep: int) -> _PageWindow:
+        window = _PageWindow(ALICE, before, now=2000.0, keep=keep, max_body_size=1 << 16)
+        for d in stream:
+            window(d)
+        return window
+
+    everything = read(None, keep=10)
+    assert [n.id for n in everything.newest][-3:] == ["m3", "m4", "m5"]
+    assert len(everything.newest) == 5  # bob's left out
+    assert everything.first_offset == 10
+    assert [n.id for n in read(None, keep=2).newest] == ["m4", "m5"]
+    by_id = read("m4", keep=10)
+    assert by_id.found
+    assert [n.id for n in by_id.newest][::2] == ["m0", "m3"]  # m0, the content id, m3
+    content_id = by_id.newest[1].id
+    by_digest = read(content_id, keep=10)
+    assert by_digest.found
+    assert [n.id for n in by_digest.newest] == ["m0"]
+    missing = read("m9", keep=10)
+    assert not missing.found
+    assert not missing.newest  # all newer than a before further back

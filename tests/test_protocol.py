@@ -23,6 +23,7 @@ from notifyd.protocol import (
     Subscribe,
     Unsubscribe,
     channel_for_routing_key,
+    id_digest,
     id_timestamp_ms,
     notification,
     parse_channel,
@@ -192,6 +193,53 @@ def test_generated_ids_are_monotonic_and_carry_their_time() -> None:
     assert id_timestamp_ms(later) == 1_700_000_000_001
     assert id_timestamp_ms("order-42") is None
     assert id_timestamp_ms("u" * 26) is None  # not Crockford base32
+    assert id_timestamp_ms("8" + "0" * 25) is None  # 130 bits: not a ULID
+
+
+DIGEST = bytes(range(1, 11))
+OTHER = bytes(range(2, 12))
+
+
+def test_content_ids_are_the_time_then_the_digest_on_any_generator() -> None:
+    """Two replicas name the same message with the same 80 bits, each at its own time."""
+    on_a = IdGenerator().content(DIGEST, 1_700_000_000_000)
+    on_b = IdGenerator().content(DIGEST, 1_700_000_000_250)
+    assert len(on_a) == len(on_b) == 26 and on_a[10:] == on_b[10:]
+    assert id_digest(on_a) == id_digest(on_b) == DIGEST
+    assert id_timestamp_ms(on_a) == 1_700_000_000_000
+    assert id_timestamp_ms(on_b) == 1_700_000_000_250
+    assert id_digest(IdGenerator().content(OTHER, 1_700_000_000_000)) == OTHER
+    # A generated id is a ULID too: its 80 bits are random, never another's.
+    generated = IdGenerator().new(1_700_000_000_000)
+    assert id_digest(generated) not in (None, DIGEST)
+    assert id_digest("order-42") is None and id_digest("u" * 26) is None
+
+
+def test_the_same_content_in_the_same_millisecond_takes_the_next_one() -> None:
+    ids = IdGenerator()
+    ms = 1_700_000_000_000
+    same = [ids.content(DIGEST, ms) for _ in range(3)]
+    assert [id_timestamp_ms(i) for i in same] == [ms, ms + 1, ms + 2]
+    assert len(set(same)) == 3 and {id_digest(i) for i in same} == {DIGEST}
+    # Other content keeps the clock's time: no id runs ahead of it but the repeats'.
+    assert id_timestamp_ms(ids.content(OTHER, ms)) == ms
+    # The clock catches up with the repeats: the next one takes the next millisecond.
+    assert id_timestamp_ms(ids.content(DIGEST, ms + 1)) == ms + 3
+    assert id_timestamp_ms(ids.content(DIGEST, ms + 10)) == ms + 10
+    # A clock stepping back does not hand out an id again.
+    stepped_back = ids.content(DIGEST, ms)
+    assert id_timestamp_ms(stepped_back) == ms + 11 and stepped_back not in same
+
+
+def test_content_ids_remember_a_bounded_number_of_digests() -> None:
+    ids = IdGenerator(memory=8)
+    ms = 1_700_000_000_000
+    for n in range(100):
+        ids.content(n.to_bytes(10, "big"), ms)
+        assert len(ids._recent) <= 8
+    # Past digests are forgotten as soon as the clock passes them.
+    ids.content(DIGEST, ms + 1)
+    assert list(ids._recent) == [DIGEST]
 
 
 def test_notifications_carry_event_and_sender_only_when_there_is_one() -> None:

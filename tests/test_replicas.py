@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from typing import Any
+
+import pika
+import pytest
 
 from .conftest import (
     AmqpPublisher,
@@ -109,3 +114,97 @@ async def test_unknown_resume_point_on_the_stream_is_not_resumed(
     assert welcome["resumed"] is False
     await ws.send_json({"type": "ping"})
     assert await receive_json(ws) == {"type": "pong"}
+
+
+def publish_plain(url: str, routing_key: str, bodies: list[Any]) -> None:
+    """Publish as the plainest backend does: pika's ``basic_publish`` with no
+    properties at all (no message_id, no timestamp), confirms on."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in bodies:
+            channel.basic_publish(
+                exchange="notifyd", routing_key=routing_key, body=json.dumps(body)
+            )
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize("with_ts", [False, True], ids=["since only", "since and since_ts"])
+async def test_resume_on_another_replica_after_plain_publishes(
+    make_server: ServerFactory, amqp_url: str, with_ts: bool
+) -> None:
+    """Notifications without message_id have content ids: replica B finds the last one
+    a client saw on replica A in the stream, and replays exactly what followed."""
+    history = {"backend": "stream"}
+    replica_a = await make_server(history=history)
+    replica_b = await make_server(history=history)
+    user = new_user()
+    key = f"user.{user}"
+    ws, _ = await replica_a.connect(user)
+    await asyncio.to_thread(publish_plain, amqp_url, key, [{"data": 0}, {"data": 1}])
+    seen = [await receive_until(ws, "notification") for _ in range(2)]
+    assert [m["data"] for m in seen] == [0, 1]
+    last = seen[-1]
+    await ws.close()
+    missed: list[Any] = [{"data": 2}, {"data": "same"}, {"data": "same"}, {"data": 3}]
+    await asyncio.to_thread(publish_plain, amqp_url, key, missed)
+    await asyncio.sleep(0.2)
+
+    reads = replica_b.sample("notifyd_history_reads_total")
+    ws, welcome = await replica_b.connect(
+        user, since=last["id"], since_ts=last["ts"] if with_ts else None
+    )
+    assert welcome["resumed"] is True
+    assert replica_b.sample("notifyd_history_reads_total") == reads + 1
+    live: list[Any] = [{"data": "live"}, {"data": "live"}, {"data": 4}]
+    await asyncio.to_thread(publish_plain, amqp_url, key, live)
+    got = [await receive_until(ws, "notification") for _ in range(7)]
+    assert [m["data"] for m in got] == [2, "same", "same", 3, "live", "live", 4]
+    ids = [m["id"] for m in seen + got]
+    assert len(set(ids)) == len(ids)  # a client dropping repeated ids loses nothing
+    await expect_silence(ws, 0.3)
+    await ws.close()
+
+    # Back on replica A from a replayed notification (as if the later ones were lost):
+    # its content id is found as well.
+    await asyncio.to_thread(publish_plain, amqp_url, key, [{"data": 5}])
+    replayed = got[3]
+    ws, welcome = await replica_a.connect(
+        user, since=replayed["id"], since_ts=replayed["ts"] if with_ts else None
+    )
+    assert welcome["resumed"] is True
+    again = [await receive_until(ws, "notification") for _ in range(4)]
+    assert [m["data"] for m in again] == ["live", "live", 4, 5]
+    await expect_silence(ws, 0.3)
+
+
+async def test_plain_publishes_during_a_resume_reach_the_socket_once(
+    make_server: ServerFactory, amqp_url: str
+) -> None:
+    """While replica B reads the stream for a resume, plain publishes keep coming: each
+    arrives live (held) and in the stream under another content id. Shown once each."""
+    history = {"backend": "stream"}
+    replica_a = await make_server(history=history)
+    replica_b = await make_server(history=history)
+    user = new_user()
+    key = f"user.{user}"
+    ws, _ = await replica_a.connect(user)
+    await asyncio.to_thread(publish_plain, amqp_url, key, [{"data": -1}])
+    last = await receive_until(ws, "notification")
+    await ws.close()
+    count = 400
+    # Confirms make each publish a round trip: ~1 ms apart, spanning the resume.
+    publishing = asyncio.create_task(
+        asyncio.to_thread(publish_plain, amqp_url, key, [{"data": n} for n in range(count)])
+    )
+    await asyncio.sleep(0.1)
+    resumes = [await replica_b.connect(user, since=last["id"]) for _ in range(3)]
+    await publishing
+    for ws, welcome in resumes:
+        assert welcome["resumed"] is True
+        got = [(await receive_until(ws, "notification"))["data"] for _ in range(count)]
+        assert got == list(range(count))
+        await expect_silence(ws, 0.3)
+        await ws.close()

@@ -18,7 +18,15 @@ from unittest.mock import ANY
 import pytest
 
 from notifyd.auth import NO_GRANTS, Grants, Identity
-from notifyd.protocol import Channel, Notification, Publish, ResumePoint, Send, notification
+from notifyd.protocol import (
+    Channel,
+    Notification,
+    Publish,
+    ResumePoint,
+    Send,
+    format_id,
+    notification,
+)
 from notifyd.session import (
     ABORT,
     ALL_SO_FAR,
@@ -728,6 +736,30 @@ def test_live_frames_during_a_resume_are_held_and_released_after_the_replay_minu
             ),
             (live(n3, seq=4), [], []),  # a late live copy of a replayed id: dropped
             (live(note("N5"), seq=5), [shown(note("N5"))], []),
+        ],
+    )
+
+
+def test_a_message_without_message_id_held_live_and_replayed_is_shown_once() -> None:
+    """Its live copy and the stream's have content ids with one digest but two time
+    parts: the replayed one cancels one held copy; later live copies are new messages."""
+    digest_a, digest_b = 0xA1, 0xB2
+    held_a, replayed_a = note(format_id(1000, digest_a)), note(format_id(990, digest_a))
+    held_b, again_a = note(format_id(1001, digest_b)), note(format_id(1005, digest_a))
+    run(
+        new("T", ResumePoint("N0")),
+        [
+            (lambda s: None, [], [Verify("T")]),
+            (verified(), [], [JOIN]),
+            (joined(), [], [Replay(ResumePoint("N0"), None)]),
+            (live(held_a, seq=1), [], []),
+            (live(held_b, seq=2), [], []),
+            (
+                replayed([note("N1"), replayed_a]),
+                [welcome(True), shown(note("N1")), shown(replayed_a), shown(held_b)],
+                [],
+            ),
+            (live(again_a, seq=3), [shown(again_a)], []),
         ],
     )
 

@@ -31,6 +31,11 @@ function remember(user) {
 }
 $("watch").value = knownUsers().join(", ");
 
+// ?transport=sse forces SSE (websocket: no fallback); ?share=1 shares one connection per user across tabs.
+const params = new URLSearchParams(location.search);
+if (["auto", "websocket", "sse"].includes(params.get("transport"))) $("transport-option").value = params.get("transport");
+$("share").checked = params.get("share") === "1";
+
 function log(text) {
   const line = document.createElement("div");
   line.textContent = `${new Date().toLocaleTimeString()}  ${text}`;
@@ -155,7 +160,13 @@ $("connect").onclick = () => {
   watched = [...new Set(list($("watch").value))].filter((u) => u !== me);
   listWatched();
   remember(me);
-  const current = new NotifydClient({ getToken: mintToken, backoff: { min: 300, max: 5000 } });
+  const current = new NotifydClient({
+    getToken: mintToken,
+    backoff: { min: 300, max: 5000 },
+    transport: $("transport-option").value,
+    // Keyed by user: the demo's tabs may be different users; each group shares one connection.
+    shareAcrossTabs: $("share").checked ? `demo:${me}` : false,
+  });
   client = current;
   window.notifydClient = client; // for the browser tests and the curious
   client.on("notification", showNotification);
@@ -168,10 +179,15 @@ $("connect").onclick = () => {
     $("state").textContent = s.state + (s.resumed === true ? " (resumed)" : "");
     $("state").className = `badge ${s.state}`;
     $("reconnects").textContent = client.reconnects;
+    $("transport").textContent = s.transport + (s.fallback ? " (fallback)" : "");
+    $("transport").className = `badge ${s.transport}`;
+    $("role").hidden = !s.role;
+    $("role").textContent = s.role || "";
     if (s.state === "reconnecting") log(`reconnecting in ${s.delay} ms (close ${s.code ?? "-"})`);
     if (s.state === "open") log(`connected, session ${s.session}${s.resumed === false ? ", gap too old to resume" : ""}`);
   });
   client.on("error", (e) => log(`error ${e.code}: ${e.message}`));
+  client.on("transport", (t) => log(t.fallback ? "the WebSocket cannot open here: falling back to SSE" : `trying ${t.transport} again`));
   client.connect();
   $("who").textContent = $("user").value;
   $("disconnect").disabled = false;
