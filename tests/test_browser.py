@@ -334,6 +334,9 @@ async def test_tabs_share_one_connection_and_hand_over_without_loss_or_duplicate
         "window.notifydClient.publish('topic:lobby', {text: 'via the leader'}, 'chat')"
     )
     assert answer["type"] == "published" and answer["channel"] == "topic:lobby"
+    # A follower's history request, answered by the server through the leader.
+    page_of = await tabs[2].evaluate(f"window.notifydClient.history('user:{user}', {{limit: 3}})")
+    assert [n["id"] for n in page_of["notifications"]] == sent[:-4:-1]
     for tab in tabs[1:]:
         await expect(tab.get_by_test_id("chat-log")).to_contain_text(f"{user}: via the leader")
     await wait_for(lambda: everyone_has(tabs[1:], [*sent, answer["id"]]), "the chat message")
@@ -397,6 +400,10 @@ async def test_demo_over_sse_receives_publishes_and_subscribes_without_a_jwt_in_
     await expect(page.get_by_test_id("chat-log")).to_contain_text(f"{user}: hello over sse")
     pong = await page.evaluate("window.notifydClient.ping()")
     assert pong["type"] == "pong"
+    # history over POST /api/messages: the page of the user's channel, newest first.
+    page_of = await page.evaluate(f"window.notifydClient.history('user:{user}', {{limit: 5}})")
+    assert page_of["type"] == "history" and page_of["channel"] == f"user:{user}"
+    assert [n["id"] for n in page_of["notifications"]] == ["sse-1"]
     streams = [url for url in urls if "/sse?" in url]
     assert streams and all("ticket=" in url for url in streams)
     assert not [url for url in urls if "eyJ" in url]  # no JWT (base64url JSON) in a URL
