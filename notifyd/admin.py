@@ -18,6 +18,7 @@ from aiohttp import web
 from .cluster import ClusterLink, QueryResult
 from .errors import BrokerUnavailable
 from .protocol import MAX_ID_LENGTH, JSONDecodeError, loads, valid_name
+from .responses import json_error
 
 #: Users one presence query may ask about (a URL of ~8 KB holds a few hundred ids).
 MAX_PRESENCE_USERS: Final = 500
@@ -25,10 +26,6 @@ MAX_PRESENCE_USERS: Final = 500
 MAX_REVOKE_IDS: Final = 1000
 #: A revocation without ``until`` lasts this long (as a control message without one).
 DEFAULT_REVOCATION_SECONDS: Final = 86_400.0
-
-
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
 
 
 def _partial(body: dict[str, Any], result: QueryResult) -> dict[str, Any]:
@@ -56,21 +53,21 @@ class AdminApi:
     def _refused(self, request: web.Request) -> web.Response | None:
         """None for a request with a valid service key, else the answer to it."""
         if not self.service_keys:
-            return _error(403, "disabled", "no [api] service_keys are configured")
+            return json_error(403, "disabled", "no [api] service_keys are configured")
         scheme, _, key = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not any(
             hmac.compare_digest(key.strip().encode(), k.encode()) for k in self.service_keys
         ):
-            return _error(401, "unauthorized", "a valid service key is required")
+            return json_error(401, "unauthorized", "a valid service key is required")
         return None
 
     async def _body(self, request: web.Request) -> dict[str, Any] | web.Response:
         try:
             body = loads(await request.read())
         except JSONDecodeError:
-            return _error(400, "bad_json", "body must be JSON")
+            return json_error(400, "bad_json", "body must be JSON")
         if not isinstance(body, dict):
-            return _error(400, "bad_body", "body must be a JSON object")
+            return json_error(400, "bad_body", "body must be a JSON object")
         return body
 
     async def presence(self, request: web.Request) -> web.Response:
@@ -78,15 +75,15 @@ class AdminApi:
             return refused
         users = list(dict.fromkeys(request.query.getall("user", [])))
         if not users:
-            return _error(400, "bad_query", "name at least one user: ?user=a&user=b")
+            return json_error(400, "bad_query", "name at least one user: ?user=a&user=b")
         if len(users) > MAX_PRESENCE_USERS:
-            return _error(400, "bad_query", f"at most {MAX_PRESENCE_USERS} users per query")
+            return json_error(400, "bad_query", f"at most {MAX_PRESENCE_USERS} users per query")
         if not all(valid_name(u) for u in users):
-            return _error(400, "bad_query", "each 'user' must be a valid user id")
+            return json_error(400, "bad_query", "each 'user' must be a valid user id")
         try:
             merged, result = await self.cluster.presence(users)
         except BrokerUnavailable as exc:
-            return _error(503, "broker_unavailable", str(exc))
+            return json_error(503, "broker_unavailable", str(exc))
         return web.json_response(_partial({"users": merged}, result))
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -95,7 +92,7 @@ class AdminApi:
         try:
             merged, result = await self.cluster.stats()
         except BrokerUnavailable as exc:
-            return _error(503, "broker_unavailable", str(exc))
+            return json_error(503, "broker_unavailable", str(exc))
         return web.json_response(_partial(merged, result))
 
     async def disconnect(self, request: web.Request) -> web.Response:
@@ -106,11 +103,11 @@ class AdminApi:
             return body
         user = body.get("user")
         if not valid_name(user):
-            return _error(400, "bad_body", "'user' must be a valid user id")
+            return json_error(400, "bad_body", "'user' must be a valid user id")
         try:
             await self.cluster.disconnect(user)
         except BrokerUnavailable as exc:
-            return _error(503, "broker_unavailable", str(exc))
+            return json_error(503, "broker_unavailable", str(exc))
         return web.json_response({"user": user, "status": "accepted"}, status=202)
 
     async def revoke(self, request: web.Request) -> web.Response:
@@ -127,11 +124,11 @@ class AdminApi:
             or not token_ids
             or not all(isinstance(t, str) and 0 < len(t) <= MAX_ID_LENGTH for t in token_ids)
         ):
-            return _error(
+            return json_error(
                 400, "bad_body", "'jti' must be a token id or a list of them (1..128 characters)"
             )
         if len(token_ids) > MAX_REVOKE_IDS:
-            return _error(400, "bad_body", f"at most {MAX_REVOKE_IDS} token ids per request")
+            return json_error(400, "bad_body", f"at most {MAX_REVOKE_IDS} token ids per request")
         now = time.time()
         until = body.get("until", now + DEFAULT_REVOCATION_SECONDS)
         if (
@@ -139,14 +136,14 @@ class AdminApi:
             or isinstance(until, bool)
             or not math.isfinite(until)
         ):
-            return _error(400, "bad_body", "'until' must be a unix time in seconds")
+            return json_error(400, "bad_body", "'until' must be a unix time in seconds")
         if until <= now:
-            return _error(400, "bad_body", "'until' has passed: nothing to revoke")
+            return json_error(400, "bad_body", "'until' has passed: nothing to revoke")
         token_ids = list(dict.fromkeys(token_ids))
         try:
             await self.cluster.revoke(token_ids, float(until))
         except BrokerUnavailable as exc:
-            return _error(503, "broker_unavailable", str(exc))
+            return json_error(503, "broker_unavailable", str(exc))
         answer: dict[str, Any] = {"jti": token_ids, "until": until, "status": "revoked"}
         if until > now + self.revocation_max_age:
             answer["warning"] = (

@@ -63,6 +63,7 @@ from .protocol import (
     valid_name,
 )
 from .push_api import add_push_routes
+from .responses import json_error
 from .revocations import RevocationLog
 from .sse import SseServer, SseStream
 from .stream import StreamHistory
@@ -372,10 +373,6 @@ METRICS = web.AppKey("metrics", Metrics)
 # --- HTTP handlers --------------------------------------------------------------------
 
 
-def _json_error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -413,32 +410,32 @@ async def _publish_from_http(request: web.Request) -> web.Response:
     try:
         body = loads(await request.read())
     except ValueError:
-        return _json_error(400, "bad_json", "body must be JSON")
+        return json_error(400, "bad_json", "body must be JSON")
     if not isinstance(body, dict):
-        return _json_error(400, "bad_body", "body must be a JSON object")
+        return json_error(400, "bad_body", "body must be a JSON object")
     try:
         channel = parse_channel(body.get("channel"))
     except ProtocolError as exc:
-        return _json_error(400, exc.code, exc.message)
+        return json_error(400, exc.code, exc.message)
     event = body.get("event")
     if event is not None and not valid_event(event):
-        return _json_error(400, "bad_body", "'event' must be a short name")
+        return json_error(400, "bad_body", "'event' must be a short name")
     if "data" not in body:
-        return _json_error(400, "bad_body", "'data' is required")
+        return json_error(400, "bad_body", "'data' is required")
     message_id = body.get("id")
     if message_id is not None and (
         not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID_LENGTH
     ):
-        return _json_error(400, "bad_body", "'id' must be a string of 1..128 characters")
+        return json_error(400, "bad_body", "'id' must be a string of 1..128 characters")
     try:
         notification_id = await gateway.broker.publish(
             channel, event, body["data"], message_id=message_id
         )
     except ProtocolError as exc:
         # What the replicas would dead-letter is refused here, not answered 202.
-        return _json_error(413 if exc.code == "too_big" else 400, exc.code, exc.message)
+        return json_error(413 if exc.code == "too_big" else 400, exc.code, exc.message)
     except BrokerUnavailable as exc:
-        return _json_error(503, "broker_unavailable", str(exc))
+        return json_error(503, "broker_unavailable", str(exc))
     return web.json_response({"id": notification_id}, status=202)
 
 
@@ -446,11 +443,11 @@ async def api_publish(request: web.Request) -> web.Response:
     keys = request.app[GATEWAY].settings.api.service_keys
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     if not keys:
-        return _json_error(403, "disabled", "no [api] service_keys are configured")
+        return json_error(403, "disabled", "no [api] service_keys are configured")
     if scheme.lower() != "bearer" or not any(
         hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys
     ):
-        return _json_error(401, "unauthorized", "a valid service key is required")
+        return json_error(401, "unauthorized", "a valid service key is required")
     return await _publish_from_http(request)
 
 
@@ -468,32 +465,32 @@ async def demo_token(request: web.Request) -> web.Response:
     """Dev only: mint a token for whoever asks (the demo is never for production)."""
     auth = request.app[GATEWAY].settings.auth
     if not auth.secret or not auth.algorithms[0].startswith("HS"):
-        return _json_error(400, "unsupported", "the demo mints HS* tokens; set [auth] secret")
+        return json_error(400, "unsupported", "the demo mints HS* tokens; set [auth] secret")
     try:
         body = loads(await request.read() or b"{}")
     except ValueError:
-        return _json_error(400, "bad_json", "body must be JSON")
+        return json_error(400, "bad_json", "body must be JSON")
     if not isinstance(body, dict):
-        return _json_error(400, "bad_body", "body must be a JSON object")
+        return json_error(400, "bad_body", "body must be a JSON object")
     user = body.get("user")
     topics = body.get("topics") or []
     publish = body.get("publish") or []
     ttl = body.get("ttl", 3600)
     if not valid_name(user):
-        return _json_error(400, "bad_body", "'user' must be a valid user id")
+        return json_error(400, "bad_body", "'user' must be a valid user id")
     names = [*topics, *publish]
     if (
         not isinstance(topics, list)
         or not isinstance(publish, list)
         or not all(isinstance(t, str) and valid_name(t.removesuffix(".*")) for t in names)
     ):
-        return _json_error(400, "bad_body", "'topics' and 'publish' must be lists of topic names")
+        return json_error(400, "bad_body", "'topics' and 'publish' must be lists of topic names")
     # Users whose presence:<id> the demo may watch (the token's `presence` claim).
     presence = body.get("presence") or []
     if not isinstance(presence, list) or not all(valid_name(u) for u in presence):
-        return _json_error(400, "bad_body", "'presence' must be a list of user ids")
+        return json_error(400, "bad_body", "'presence' must be a list of user ids")
     if not isinstance(ttl, int) or not 10 <= ttl <= 86_400:
-        return _json_error(400, "bad_body", "'ttl' must be 10..86400 seconds")
+        return json_error(400, "bad_body", "'ttl' must be 10..86400 seconds")
     claims = {"presence": presence} if presence else {}
     token = mint_token(
         auth.secret, user, ttl, topics, publish, algorithm=auth.algorithms[0], **claims
@@ -507,11 +504,11 @@ async def demo_presence(request: web.Request) -> web.Response:
     production)."""
     users = list(dict.fromkeys(request.query.getall("user", [])))
     if not 0 < len(users) <= 20 or not all(valid_name(u) for u in users):
-        return _json_error(400, "bad_query", "name 1..20 valid user ids: ?user=a&user=b")
+        return json_error(400, "bad_query", "name 1..20 valid user ids: ?user=a&user=b")
     try:
         merged, _ = await request.app[GATEWAY].cluster.presence(users)
     except BrokerUnavailable as exc:
-        return _json_error(503, "broker_unavailable", str(exc))
+        return json_error(503, "broker_unavailable", str(exc))
     return web.json_response({"users": merged})
 
 

@@ -30,6 +30,7 @@ from .errors import AuthError, BrokerUnavailable, ProtocolError
 from .history import HistoryPage, MemoryHistory, may_read
 from .metrics import Metrics
 from .protocol import Channel, Notification, dumps, history_request, loads
+from .responses import json_error
 
 if TYPE_CHECKING:
     from .app import Gateway
@@ -160,7 +161,7 @@ class HistoryApi:
         scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
-            return _error(401, "unauthorized", "a service key or user token is required")
+            return json_error(401, "unauthorized", "a service key or user token is required")
         if any(
             hmac.compare_digest(credential.encode(), key.encode())
             for key in self.settings.api.service_keys
@@ -170,8 +171,8 @@ class HistoryApi:
             return await self.verifier.verify(credential)
         except AuthError as exc:
             if exc.reason == "revocations_unavailable":
-                return _error(503, "broker_unavailable", str(exc))
-            return _error(401, "unauthorized", str(exc))
+                return json_error(503, "broker_unavailable", str(exc))
+            return json_error(401, "unauthorized", str(exc))
 
     async def handle(self, request: web.Request) -> web.Response:
         reader = await self._reader(request)
@@ -183,20 +184,14 @@ class HistoryApi:
             message = history_request(query.get("channel"), query.get("limit"), query.get("before"))
         except ProtocolError as exc:
             self.metrics.history_requests.labels("http", exc.code).inc()
-            return _error(400, exc.code, exc.message)
+            return json_error(400, exc.code, exc.message)
         try:
             body = await self.read_page(reader, message.channel, message.limit, message.before)
         except ProtocolError as exc:
             if exc.code == "broker_unavailable":
-                return _error(503, exc.code, exc.message, {"Retry-After": "1"})
-            return _error(STATUS.get(exc.code, 400), exc.code, exc.message)
+                return json_error(503, exc.code, exc.message, {"Retry-After": "1"})
+            return json_error(STATUS.get(exc.code, 400), exc.code, exc.message)
         return web.Response(body=dumps(body), content_type="application/json")
-
-
-def _error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 
 #: The gateway's :class:`HistoryApi`, for other routes that read pages.

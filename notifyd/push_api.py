@@ -33,6 +33,7 @@ from .config import Settings, WebPushSettings
 from .errors import AuthError
 from .metrics import Metrics
 from .pushstore import PushStore, Subscription, open_until_done
+from .responses import json_error
 from .vapid import (
     b64url_decode,
     b64url_encode,
@@ -106,10 +107,6 @@ def parse_subscription(body: Any, user: str, settings: WebPushSettings) -> Subsc
     return Subscription(endpoint=endpoint, user=user, p256dh=p256dh, auth=auth)  # type: ignore[arg-type]
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": code, "message": message}, status=status)
-
-
 class PushApi:
     """The handlers, bound to a verifier, a store and the settings."""
 
@@ -157,7 +154,7 @@ class PushApi:
 
     def _unavailable(self, action: str) -> web.Response:
         self.metrics.webpush_api.labels(action, "error").inc()
-        return _error(503, "unavailable", "the push subscriptions database is not reachable")
+        return json_error(503, "unavailable", "the push subscriptions database is not reachable")
 
     # --- CORS -------------------------------------------------------------------------
 
@@ -188,27 +185,29 @@ class PushApi:
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             self.metrics.webpush_api.labels(action, "unauthorized").inc()
-            return _error(401, "unauthorized", "Authorization: Bearer <the user's JWT> is required")
+            return json_error(
+                401, "unauthorized", "Authorization: Bearer <the user's JWT> is required"
+            )
         try:
             identity = await self.verifier.verify(token.strip())
         except AuthError as exc:
             self.metrics.webpush_api.labels(action, "unauthorized").inc()
-            return _error(401, "unauthorized", str(exc))
+            return json_error(401, "unauthorized", str(exc))
         if request.content_length is not None and request.content_length > MAX_BODY:
             self.metrics.webpush_api.labels(action, "too_big").inc()
-            return _error(413, "too_big", f"body must be at most {MAX_BODY} bytes")
+            return json_error(413, "too_big", f"body must be at most {MAX_BODY} bytes")
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
             raw = b"x" * (MAX_BODY + 1)
         if len(raw) > MAX_BODY:
             self.metrics.webpush_api.labels(action, "too_big").inc()
-            return _error(413, "too_big", f"body must be at most {MAX_BODY} bytes")
+            return json_error(413, "too_big", f"body must be at most {MAX_BODY} bytes")
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError):
             self.metrics.webpush_api.labels(action, "invalid").inc()
-            return _error(400, "bad_json", "body must be JSON")
+            return json_error(400, "bad_json", "body must be JSON")
         return identity.user, body
 
     async def subscribe(self, request: web.Request) -> web.StreamResponse:
@@ -220,7 +219,7 @@ class PushApi:
             subscription = parse_subscription(body, user, self.settings.webpush)
         except InvalidSubscription as exc:
             self.metrics.webpush_api.labels("subscribe", "invalid").inc()
-            return self._cors(request, _error(400, "invalid_subscription", str(exc)))
+            return self._cors(request, json_error(400, "invalid_subscription", str(exc)))
         store = await self._ready_store()
         if store is None:
             return self._cors(request, self._unavailable("subscribe"))
@@ -229,7 +228,7 @@ class PushApi:
         except Exception:
             log.exception("cannot store a push subscription")
             self.metrics.webpush_api.labels("subscribe", "error").inc()
-            return self._cors(request, _error(503, "unavailable", "cannot store it right now"))
+            return self._cors(request, json_error(503, "unavailable", "cannot store it right now"))
         self.metrics.webpush_api.labels("subscribe", "ok").inc()
         return self._cors(request, web.json_response({"subscribed": True}, status=201))
 
@@ -242,7 +241,7 @@ class PushApi:
         if not isinstance(endpoint, str) or not 0 < len(endpoint) <= MAX_ENDPOINT:
             self.metrics.webpush_api.labels("unsubscribe", "invalid").inc()
             return self._cors(
-                request, _error(400, "invalid_subscription", 'body must be {"endpoint": URL}')
+                request, json_error(400, "invalid_subscription", 'body must be {"endpoint": URL}')
             )
         store = await self._ready_store()
         if store is None:
@@ -252,7 +251,7 @@ class PushApi:
         except Exception:
             log.exception("cannot delete a push subscription")
             self.metrics.webpush_api.labels("unsubscribe", "error").inc()
-            return self._cors(request, _error(503, "unavailable", "cannot delete it right now"))
+            return self._cors(request, json_error(503, "unavailable", "cannot delete it right now"))
         self.metrics.webpush_api.labels("unsubscribe", "ok").inc()
         return self._cors(request, web.json_response({"deleted": deleted}))
 

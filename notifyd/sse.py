@@ -52,6 +52,7 @@ from .protocol import (
     parse_client_message,
     resume_point,
 )
+from .responses import json_error
 from .session import (
     RESUME_COST,
     Abort,
@@ -133,12 +134,6 @@ def event_for_frame(frame: bytes) -> tuple[bytes, bool]:
     if kind == "welcome":
         payload = dumps({**message, "transport": "sse"})
     return sse_event(kind, payload), False
-
-
-def _json_error(status: int, code: str, message: str, headers: dict[str, str]) -> web.Response:
-    """An error before a stream starts (``/sse``, ``/api/sse-ticket``)."""
-    body = {"error": {"code": code, "message": message}}
-    return web.json_response(body, status=status, headers=headers)
 
 
 # --- one stream -------------------------------------------------------------------------
@@ -464,7 +459,7 @@ class SseServer:
     async def preflight(self, request: web.Request) -> web.Response:
         cors = self._cors(request)
         if cors is None:
-            return _json_error(403, "origin_not_allowed", "origin not allowed", {})
+            return json_error(403, "origin_not_allowed", "origin not allowed", {})
         cors.update(
             {
                 "Access-Control-Allow-Methods": "POST, OPTIONS",
@@ -491,13 +486,13 @@ class SseServer:
     async def handle_ticket(self, request: web.Request) -> web.Response:
         cors = self._cors(request)
         if cors is None:
-            return _json_error(403, "origin_not_allowed", "origin not allowed", {})
+            return json_error(403, "origin_not_allowed", "origin not allowed", {})
         try:
             identity = await self._identity(request)
         except AuthError as exc:
-            return _json_error(401, "unauthorized", str(exc), cors)
+            return json_error(401, "unauthorized", str(exc), cors)
         if identity is None:
-            return _json_error(401, "unauthorized", "Authorization: Bearer <token> required", cors)
+            return json_error(401, "unauthorized", "Authorization: Bearer <token> required", cors)
         ticket = self.tickets.issue(identity, time.time())
         self.metrics.sse_tickets.labels("issued").inc()
         cors["Cache-Control"] = "no-store"
@@ -540,13 +535,13 @@ class SseServer:
         self.metrics.connection_attempts.labels(outcome).inc()
         if status == 503:
             cors = {**cors, "Retry-After": "1"}
-        return _json_error(status, code, message, cors)
+        return json_error(status, code, message, cors)
 
     async def handle_stream(self, request: web.Request) -> web.StreamResponse:
         cors = self._cors(request)
         if cors is None:
             self.metrics.connection_attempts.labels("origin").inc()
-            return _json_error(403, "origin_not_allowed", "origin not allowed", {})
+            return json_error(403, "origin_not_allowed", "origin not allowed", {})
         sockets = self.sockets
         if sockets.draining or self._closed:
             return self._refuse(503, "unavailable", "server going away", "overloaded", cors)
@@ -668,7 +663,7 @@ class SseServer:
     async def handle_message(self, request: web.Request) -> web.Response:
         cors = self._cors(request)
         if cors is None:
-            return _json_error(403, "origin_not_allowed", "origin not allowed", {})
+            return json_error(403, "origin_not_allowed", "origin not allowed", {})
         kind = "other"
 
         def reply(status: int, payload: bytes) -> web.Response:

@@ -280,8 +280,8 @@ export class NotifydClient {
     });
     const body = await response.json().catch(() => ({}));
     if (!response.ok || typeof body.ticket !== "string") {
-      const error = body.error || body;
-      throw failure(error.message || `HTTP ${response.status}`, error.code || "http_error", { status: response.status });
+      // The HTTP APIs' error shape: {"error": "<code>", "message": "..."}.
+      throw failure(body.message || `HTTP ${response.status}`, body.error || "http_error", { status: response.status });
     }
     return body.ticket;
   }
@@ -416,7 +416,8 @@ export class NotifydClient {
       }
       const answer = await response.json().catch(() => ({}));
       if (!response.ok || answer.type === "error") {
-        const error = answer.type === "error" ? answer : answer.error || {};
+        // A client message's error (as on the WebSocket), or the HTTP APIs' shape.
+        const error = answer.type === "error" ? answer : { code: answer.error, message: answer.message };
         throw failure(error.message || `HTTP ${response.status}`, error.code || "http_error", {
           ...error,
           status: response.status,
