@@ -28,7 +28,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, Final, Protocol
+from typing import Any, ClassVar, Final, Protocol
 
 from aiohttp import web
 
@@ -177,7 +177,59 @@ class _TakenOver(web.StreamResponse):
 _TAKEN_OVER: Final = _TakenOver(status=101)
 
 
-class Connection(Session):
+class TimedSession(Session):
+    """A session driven by an I/O adapter: one event-loop timer for its deadlines, and
+    an event that raises closes it with ``1011`` instead of escaping. Shared by the
+    WebSocket adapter (:class:`Connection`) and SSE (:class:`notifyd.sse.SseStream`),
+    which set ``server`` (anything with a ``loop``) and define :meth:`after`."""
+
+    __slots__ = ("_timer", "_timer_at")
+
+    #: What a failure log line calls one of these.
+    NOUN: ClassVar[str] = "session"
+    server: Any
+
+    def __init__(
+        self, config: SessionConfig, now: float, token: str | None, since: ResumePoint | None
+    ) -> None:
+        super().__init__(config, now, token, since)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _NEVER
+
+    def after(self, now: float) -> None:
+        raise NotImplementedError
+
+    def _set_timer(self, wake_at: float, now: float) -> None:
+        """One timer, due at ``wake_at`` (never: none); moved only when that changed."""
+        if wake_at != self._timer_at:
+            self._cancel_timer()
+            self._timer_at = wake_at
+            if wake_at != _NEVER:
+                self._timer = self.server.loop.call_later(max(0.0, wake_at - now), self._wake)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _wake(self) -> None:
+        self._timer = None
+        self._timer_at = _NEVER
+        now = time.time()
+        try:
+            self.wake(now)
+        except Exception:
+            self._internal_error(now)
+        self.after(now)
+
+    def _internal_error(self, now: float) -> None:
+        log.exception(
+            "%s %s of %s failed", self.NOUN, self.id or "(new)", self.user or "(anonymous)"
+        )
+        self.close_for(CloseReason.INTERNAL_ERROR, now)
+
+
+class Connection(TimedSession):
     """One socket after the upgrade: an asyncio protocol around its session.
 
     The hub holds connections (``user``, ``deadline``, ``topics`` and
@@ -189,8 +241,6 @@ class Connection(Session):
         "_pending_from",
         "_queued",
         "_reaping",
-        "_timer",
-        "_timer_at",
         "server",
         "transport",
     )
@@ -209,8 +259,6 @@ class Connection(Session):
         #: In the outbox, waiting for the next flush.
         self._queued = False
         self._paused = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = _NEVER
         #: The client address while the socket counts as pending (not authenticated).
         self._pending_from: str | None = None
         #: Waiting in the server's queue of ended sockets to be cleaned up.
@@ -248,9 +296,7 @@ class Connection(Session):
     def connection_lost(self, exc: BaseException | None) -> None:
         self.lost()
         self.transport = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
         self.server.connections.discard(self)
         if self._actions is not None or self._pending_from is not None:
             self.server.reap_later(self)
@@ -331,14 +377,8 @@ class Connection(Session):
             # Closed with nothing left to send: it is gone in a moment, and a
             # deadline to cut it off would only be set to be cancelled.
             wake_at = _NEVER
-        if wake_at != self._timer_at and transport is not None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._timer_at = wake_at
-            if wake_at != _NEVER:
-                self._timer = self.server.loop.call_later(max(0.0, wake_at - now), self._wake)
         if transport is not None:
+            self._set_timer(wake_at, now)
             if self.busy and self.parser.buffered > READ_PAUSE_BYTES:
                 if not self._paused:
                     self._paused = True
@@ -346,16 +386,6 @@ class Connection(Session):
             elif self._paused:
                 self._paused = False
                 transport.resume_reading()
-
-    def _wake(self) -> None:
-        self._timer = None
-        self._timer_at = _NEVER
-        now = time.time()
-        try:
-            self.wake(now)
-        except Exception:
-            self._internal_error(now)
-        self.after(now)
 
     def _act(self, now: float) -> Action | None:
         """Run the synchronous requests; return the one that must be awaited, if any.
@@ -517,10 +547,6 @@ class Connection(Session):
             self.failed(exc.code, exc.message, time.time(), outcome="refused")
             return
         self.done(result, time.time())
-
-    def _internal_error(self, now: float) -> None:
-        log.exception("session %s of %s failed", self.id or "(new)", self.user or "(anonymous)")
-        self.close_for(CloseReason.INTERNAL_ERROR, now)
 
 
 def credentials(

@@ -31,7 +31,7 @@ from aiohttp import web
 from .auth import Identity
 from .closes import CloseReason
 from .config import Settings
-from .connection import SocketServer, credentials
+from .connection import SocketServer, TimedSession, credentials
 from .errors import AuthError, BrokerUnavailable, ProtocolError
 from .history_api import STATUS as HISTORY_STATUS
 from .lifecycle import Drain, cancel_all
@@ -60,7 +60,6 @@ from .session import (
     Join,
     Leave,
     Replay,
-    Session,
     State,
     Subscribe_,
     Unsubscribe_,
@@ -139,19 +138,19 @@ def event_for_frame(frame: bytes) -> tuple[bytes, bool]:
 # --- one stream -------------------------------------------------------------------------
 
 
-class SseStream(Session):
+class SseStream(TimedSession):
     """One ``GET /sse`` stream: a hub subscriber whose session's frames become SSE events.
 
     Its output is written by the request handler itself (:meth:`pump`); the hub
     and the timers only queue and wake it, so nothing on the fan-out path awaits.
     """
 
+    NOUN = "SSE stream"
+
     __slots__ = (
         "_extra",
         "_ready",
         "_soon",
-        "_timer",
-        "_timer_at",
         "_watches",
         "server",
         "transport",
@@ -169,8 +168,6 @@ class SseStream(Session):
         self.transport = transport
         self._ready = asyncio.Event()
         self._soon = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = _NEVER
         #: Answers to the ``subscribe`` query, sent after welcome (None: none left).
         self._extra: list[bytes] | None = None
         #: ``presence:<id>`` subscriptions of the query, made one at a time once open.
@@ -256,14 +253,7 @@ class SseStream(Session):
                     self._internal_error(now)
         if self.out is not None or self.state >= State.CLOSING:
             self._ready.set()
-        wake_at = self.wake_at if self.state < State.CLOSED else _NEVER
-        if wake_at != self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-            self._timer_at = wake_at
-            if wake_at != _NEVER:
-                self._timer = self.server.loop.call_later(max(0.0, wake_at - now), self._wake)
+        self._set_timer(self.wake_at if self.state < State.CLOSED else _NEVER, now)
 
     def _opened(self, now: float) -> None:
         """After welcome: the query's ``subscribed``/``error`` answers, then its
@@ -277,16 +267,6 @@ class SseStream(Session):
                 self._subscribe(Subscribe(channel), channel)
             except ProtocolError as exc:
                 self._error(exc.code, exc.message, None)
-
-    def _wake(self) -> None:
-        self._timer = None
-        self._timer_at = _NEVER
-        now = time.time()
-        try:
-            self.wake(now)
-        except Exception:
-            self._internal_error(now)
-        self.after(now)
 
     def _do(self, action: Action, now: float) -> None:
         server = self.server
@@ -345,10 +325,6 @@ class SseStream(Session):
             self._internal_error(now)
         self.after(now)
 
-    def _internal_error(self, now: float) -> None:
-        log.exception("SSE stream %s of %s failed", self.id or "(new)", self.user or "(anonymous)")
-        self.close_for(CloseReason.INTERNAL_ERROR, now)
-
     # --- the writer ----------------------------------------------------------------
 
     def take_events(self) -> bytes | None:
@@ -375,9 +351,7 @@ class SseStream(Session):
         """The stream ended: out of the hub, no timer left."""
         self.lost()
         self.after(time.time())
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._cancel_timer()
 
 
 # --- the endpoints --------------------------------------------------------------------
