@@ -65,6 +65,8 @@ class Client(asyncio.Protocol):
     probe: Probe | None = None
     #: The server's close code, once it sent a close frame.
     close_code: int | None = None
+    #: The status line of an accepted upgrade.
+    ACCEPTED = b"HTTP/1.1 101"
 
     def __init__(
         self, request: bytes, stats: Stats, welcomed: asyncio.Future[None], socketio: bool
@@ -83,17 +85,9 @@ class Client(asyncio.Protocol):
         transport.write(self.request)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer + data if self.buffer else data
-        if not self.upgraded:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                self.buffer = buffer
-                return
-            if not buffer.startswith(b"HTTP/1.1 101"):
-                self._fail(buffer[: buffer.find(b"\r\n")].decode(errors="replace"))
-                return
-            self.upgraded = True
-            buffer = buffer[end + 4 :]
+        buffer = self._past_response_head(data)
+        if buffer is None:
+            return
         now = time.perf_counter()
         offset, size = 0, len(buffer)
         stats = self.stats
@@ -130,6 +124,22 @@ class Client(asyncio.Protocol):
                 return
             offset = end
         self.buffer = buffer[offset:]
+
+    def _past_response_head(self, data: bytes) -> bytes | None:
+        """``data`` (after what was kept) past the response head once it is complete and
+        ``ACCEPTED``; None while it is incomplete or after a refusal (then failed)."""
+        buffer = self.buffer + data if self.buffer else data
+        if self.upgraded:
+            return buffer
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            self.buffer = buffer
+            return None
+        if not buffer.startswith(self.ACCEPTED):
+            self._fail(buffer[: buffer.find(b"\r\n")].decode(errors="replace"))
+            return None
+        self.upgraded = True
+        return buffer[end + 4 :]
 
     def _handshake_frame(self, payload: bytes) -> None:
         if self.socketio:
@@ -245,18 +255,13 @@ class SseClient(Client):
     never spans a chunk header (the server writes whole events): only the bytes that
     could start a marker are kept between reads."""
 
+    #: The status line of an accepted stream.
+    ACCEPTED = b"HTTP/1.1 200"
+
     def data_received(self, data: bytes) -> None:
-        buffer = self.buffer + data if self.buffer else data
-        if not self.upgraded:
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                self.buffer = buffer
-                return
-            if not buffer.startswith(b"HTTP/1.1 200"):
-                self._fail(buffer[: buffer.find(b"\r\n")].decode(errors="replace"))
-                return
-            self.upgraded = True
-            buffer = buffer[end + 4 :]
+        buffer = self._past_response_head(data)
+        if buffer is None:
+            return
         if not self.ready and b"event: welcome\n" in buffer:
             self.ready = True
             self.stats.welcomed += 1
