@@ -718,7 +718,7 @@ class Session:
         if replay:
             self._skip = frozenset(n.id for n in replay)
             self._skip_until = now + SKIP_WINDOW
-            held = _not_replayed(held, replay, self._skip)
+            held = _not_replayed(held, replay)
         for frame, seq in held:
             self.live(frame, seq, 0, now)
 
@@ -843,9 +843,10 @@ class Session:
 
 
 def _not_replayed(
-    held: list[tuple[bytes, int]], replay: list[Notification], replayed_ids: frozenset[str]
+    held: list[tuple[bytes, int]], replay: list[Notification]
 ) -> list[tuple[bytes, int]]:
-    """The held frames that the replay did not already contain.
+    """The held frames whose content the replay did not already contain (a held copy
+    of a replayed id is dropped by :meth:`Session.live`'s skip set as well).
 
     A message published without ``message_id`` has a content id (time + digest,
     :meth:`IdGenerator.content`) whose time part differs between the live copy and
@@ -865,8 +866,6 @@ def _not_replayed(
         digest = id_digest(frame_id) if frame_id is not None else None
         if digest is not None and digests.get(digest, 0) > 0:
             digests[digest] -= 1
-            continue
-        if frame_id in replayed_ids:
             continue
         kept.append((frame, seq))
     return kept
