@@ -57,6 +57,7 @@ from .amqp import (
     PUBLISHED_AT_HEADER,
     Delivery,
 )
+from .broker import FRAMES_PER_WRITE, publish_frames, send_frames
 from .closes import CloseReason
 from .errors import BrokerUnavailable
 from .metrics import Metrics
@@ -74,14 +75,18 @@ from .websocket import text_frame
 
 log = logging.getLogger(__name__)
 
+#: What a failed publish raises (turned into BrokerUnavailable).
+_PUBLISH_ERRORS: Final = (aiormq.AMQPError, ConnectionError, RuntimeError, TimeoutError)
+
 REPLY_TO: Final = "amq.rabbitmq.reply-to"
 #: Milliseconds a report waits in the deltas queue for an aggregator (older ones are
 #: stale: the next aggregator asks every replica anyway).
 DELTAS_TTL_MS: Final = 10_000
 #: Seconds local socket changes are gathered before one report goes out.
 FLUSH_DELAY: Final = 0.02
-#: Users per report (a full resend after a reconnect is cut into these).
-REPORT_CHUNK: Final = 5000
+#: Users per report (a full resend after a reconnect, or a disconnect wave, is cut
+#: into these: encoding or folding 200 is ~1-2 ms, a pass of the event loop).
+REPORT_CHUNK: Final = 200
 #: Beacons a replica may miss before it is presumed gone.
 MISSED_BEACONS: Final = 3
 #: Seconds between the aggregator's looks at due offline transitions.
@@ -659,24 +664,47 @@ class ClusterLink:
                     log.warning("cluster: no beacon from %s: its sockets count as gone", instance)
                     del self._heard[instance]
                     transitions.extend(self.aggregator.drop_instance(instance, now))
-            transitions.extend(self.aggregator.due(now))
             with contextlib.suppress(Exception):
-                await self._emit(transitions)
+                published = await self._emit(transitions)
+                # A disconnect wave's users go offline together: a batch at a time.
+                while published and (due := self.aggregator.due(now, FRAMES_PER_WRITE)):
+                    published = await self._emit(due)
+                if not published and (lost := self.aggregator.due(now)):
+                    log.warning("cluster: %d more presence transitions lost", len(lost))
 
-    async def _emit(self, transitions: Iterable[Transition]) -> None:
-        for transition in transitions:
-            self.metrics.presence_transitions.labels(
-                "online" if transition.online else "offline"
-            ).inc()
+    async def _emit(self, transitions: Iterable[Transition]) -> bool:
+        """Publish each transition to ``notifyd.presence``, many per write (a connect
+        storm brings one per new user); False if they could not all be published
+        (the rest are lost: presence is current state, not a log to replay)."""
+        batch = list(transitions)
+        for start in range(0, len(batch), FRAMES_PER_WRITE):
+            chunk = batch[start : start + FRAMES_PER_WRITE]
             try:
-                await self._publish(
-                    PRESENCE_EXCHANGE,
-                    Channel("user", transition.user).routing_key,
-                    dumps(transition.body()),
-                    message_id=self.ids.new(),
-                )
-            except BrokerUnavailable as exc:
-                log.warning("cluster: presence transition of %s lost: %s", transition.user, exc)
+                rpc = self._channel(confirm=False)
+                frames = []
+                for transition in chunk:
+                    frames.extend(
+                        publish_frames(
+                            rpc,
+                            PRESENCE_EXCHANGE,
+                            Channel("user", transition.user).routing_key,
+                            dumps(transition.body()),
+                            self._properties(message_id=self.ids.new()),
+                        )
+                    )
+                async with asyncio.timeout(PUBLISH_TIMEOUT):
+                    await send_frames(rpc, frames)
+            except (BrokerUnavailable, *_PUBLISH_ERRORS) as exc:
+                lost = batch[start:]
+                users = ", ".join(t.user for t in lost[:5])
+                more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
+                log.warning("cluster: presence transitions of %s%s lost: %s", users, more, exc)
+                return False
+            for transition in chunk:
+                self.metrics.presence_transitions.labels(
+                    "online" if transition.online else "offline"
+                ).inc()
+        return True
 
     # --- presence:<id> subscriptions --------------------------------------------------
 
@@ -793,27 +821,41 @@ class ClusterLink:
         correlation_id: str | None = None,
         message_id: str | None = None,
     ) -> None:
-        channel = self._confirm if confirm else self._rpc
-        if channel is None or channel.is_closed:
-            raise BrokerUnavailable("not connected to RabbitMQ")
-        properties = aiormq.spec.Basic.Properties(
-            content_type="application/json",
-            correlation_id=correlation_id,
-            message_id=message_id,
-            delivery_mode=2 if confirm else 1,
-            headers={PUBLISHED_AT_HEADER: int(time.time() * 1000)},
+        channel = self._channel(confirm)
+        properties = self._properties(
+            correlation_id=correlation_id, message_id=message_id, persistent=confirm
         )
         try:
-            # A timeout scope, not wait_for: no task per message (one per presence
-            # transition in a connect storm).
+            # A timeout scope, not wait_for: no task per message.
             async with asyncio.timeout(PUBLISH_TIMEOUT):
                 confirmation = await channel.basic_publish(
                     body, exchange=exchange, routing_key=routing_key, properties=properties
                 )
-        except (aiormq.AMQPError, ConnectionError, RuntimeError, TimeoutError) as exc:
+        except _PUBLISH_ERRORS as exc:
             raise BrokerUnavailable(f"publish failed: {exc}") from exc
         if confirm and not isinstance(confirmation, Basic.Ack):
             raise BrokerUnavailable("RabbitMQ did not confirm the message")
+
+    def _channel(self, confirm: bool) -> RawChannel:
+        channel = self._confirm if confirm else self._rpc
+        if channel is None or channel.is_closed:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        return channel
+
+    @staticmethod
+    def _properties(
+        *,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+        persistent: bool = False,
+    ) -> aiormq.spec.Basic.Properties:
+        return aiormq.spec.Basic.Properties(
+            content_type="application/json",
+            correlation_id=correlation_id,
+            message_id=message_id,
+            delivery_mode=2 if persistent else 1,
+            headers={PUBLISHED_AT_HEADER: int(time.time() * 1000)},
+        )
 
 
 def _int(value: Any) -> int:

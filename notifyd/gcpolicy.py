@@ -71,13 +71,14 @@ class CollectorPolicy:
     since the last decision, or ``young`` (the objects a young collection would
     scan) is ``young_limit`` or more: in a reconnect wave, hundreds of upgrades
     wait for their turn (``SocketServer.admit``) before any socket counts as
-    opened, and scanning them (20k objects: 20-40 ms of a slow machine's CPU,
-    with the event loop stopped) freed nothing in the churn benchmark.
+    opened, and scanning them (1-2 µs per object on a slow machine, with the
+    event loop stopped: 20k objects were a 20-40 ms stall, 6k one of 6-15 ms)
+    freed nothing in the churn benchmark.
     """
 
     max_full_interval: float = 3600.0
-    storm_step: int = 200
-    young_limit: int = 20_000
+    storm_step: int = 50
+    young_limit: int = 2_000
     _last_full: float | None = None
     _opened_seen: int = 0
 

@@ -163,11 +163,12 @@ class PresenceAggregator:
         self._seq.pop(instance, None)
         return transitions
 
-    def due(self, now: float) -> list[Transition]:
-        """Users whose grace ran out with no socket anywhere: offline now."""
+    def due(self, now: float, limit: int | None = None) -> list[Transition]:
+        """Users whose grace ran out with no socket anywhere: offline now (at most
+        ``limit`` of them; the others on the next call)."""
         transitions: list[Transition] = []
         leaving = self._leaving
-        while leaving:
+        while leaving and (limit is None or len(transitions) < limit):
             user, at = next(iter(leaving.items()))
             if at > now:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from notifyd.connection import Connection
@@ -64,3 +65,31 @@ async def test_a_burst_leaves_in_one_write_per_socket_in_order(
     assert counters[0].writes == 2
     for writer in writers:
         writer.close()
+
+
+def _client_frame(payload: bytes) -> bytes:
+    """A masked text frame, as a client sends it (payload under 126 bytes)."""
+    key = b"\x01\x02\x03\x04"
+    masked = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
+    return bytes([0x81, 0x80 | len(payload)]) + key + masked
+
+
+async def test_the_answer_to_a_client_message_is_written_where_it_is_read(
+    make_server: ServerFactory,
+) -> None:
+    """A pong does not wait for the outbox's next pass (behind that pass's reaping and
+    admissions in a reconnect wave): it is written before ``data_received`` returns."""
+    server = await make_server()
+    user = new_user()
+    reader, writer = await raw_upgrade(server.port, token(user))
+    await reader.readuntil(b"\r\n\r\n")
+    head = await reader.readexactly(2)
+    assert b'"welcome"' in await reader.readexactly(head[1])
+    connection: Connection = server.gateway.hub.sockets_of(user)[0]
+    counter = CountingTransport(connection.transport)
+    connection.transport = counter  # type: ignore[assignment]
+    connection.data_received(_client_frame(b'{"type":"ping","ref":7}'))
+    assert counter.writes == 1  # no turn of the event loop in between
+    head = await asyncio.wait_for(reader.readexactly(2), 5)
+    assert json.loads(await reader.readexactly(head[1])) == {"type": "pong", "ref": 7}
+    writer.close()

@@ -249,3 +249,20 @@ def test_the_presence_claim(claim: object, expected: frozenset[str] | None) -> N
             decode_identity(signed, secret, AuthSettings(secret=secret))
     else:
         assert decode_identity(signed, secret, AuthSettings(secret=secret)).presence == expected
+
+
+def test_offline_transitions_come_a_batch_at_a_time_in_order() -> None:
+    """A disconnect wave's users go offline together: ``due`` hands them out ``limit``
+    at a time (each batch is published in one write), oldest first."""
+    aggregator = PresenceAggregator(grace=5, limit=100)
+    users = [f"u{i}" for i in range(10)]
+    aggregator.apply("A", 1, {u: UP for u in users}, 0)
+    aggregator.apply("A", 2, {u: (0, 0.0) for u in users}, 1)
+    batches = [aggregator.due(6, limit=4) for _ in range(4)]
+    assert [[t.user for t in batch] for batch in batches] == [
+        users[0:4],
+        users[4:8],
+        users[8:10],
+        [],
+    ]
+    assert all(not t.online for batch in batches for t in batch)

@@ -1,0 +1,128 @@
+"""Batched writes to RabbitMQ and the pacing of what a batch of bindings wakes.
+
+:class:`notifyd.broker.BindingTable` without a broker; :func:`notifyd.broker.send_frames`
+and :func:`notifyd.broker.publish_frames` against a real RabbitMQ node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import aio_pika
+import aiormq
+import pytest
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic, Queue
+
+from notifyd.broker import WAKE_BATCH, BindingTable, publish_frames, send_frames
+
+
+async def test_a_batch_of_bindings_wakes_its_waiters_a_few_per_pass() -> None:
+    """Thousands of sockets waiting for their binding (a connect storm) would all run
+    in the pass that RabbitMQ's confirm arrives in; they are woken WAKE_BATCH a pass,
+    in the order they started waiting, and every one of them is woken."""
+    table = BindingTable(always=())
+    keys = [f"user.{i}" for i in range(5 * WAKE_BATCH + 3)]
+    for key in keys:
+        table.want(key)
+    woken: list[str] = []
+
+    async def wait(key: str) -> None:
+        assert await table.wait_bound(key, timeout=5)
+        woken.append(key)
+
+    waiters = [asyncio.create_task(wait(key)) for key in keys]
+    await asyncio.sleep(0)  # every waiter is waiting
+    table.applied(keys, [])
+    seen = []
+    while len(woken) < len(keys):
+        await asyncio.sleep(0)
+        seen.append(len(woken))
+    # One batch per pass (each waiter steps in the pass after its wake-up).
+    assert all(b - a <= WAKE_BATCH for a, b in zip([0, *seen], seen, strict=False))
+    assert len([n for n in seen if n]) >= len(keys) // WAKE_BATCH
+    assert woken == keys
+    await asyncio.gather(*waiters)
+
+
+async def test_a_batch_of_publishes_arrives_whole_and_in_order(amqp_url: str) -> None:
+    """Many publishes in one write: every message, in order, bodies intact (one of
+    them larger than a frame, so split into several body frames)."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        queue = f"test.frames.{uuid.uuid4().hex}"
+        await raw.queue_declare(queue, exclusive=True)
+        frame_max = raw.connection.connection_tune.frame_max
+        bodies = [f"message {i}".encode() for i in range(40)]
+        bodies[17] = b"x" * (3 * frame_max + 5)
+        frames = []
+        for index, body in enumerate(bodies):
+            properties = Basic.Properties(message_id=str(index), content_type="text/plain")
+            frames.extend(publish_frames(raw, "", queue, body, properties))
+        await send_frames(raw, frames)
+        received: list[tuple[str | None, bytes]] = []
+        done = asyncio.get_running_loop().create_future()
+
+        def on_message(message: DeliveredMessage) -> None:
+            received.append((message.header.properties.message_id, message.body))
+            if len(received) == len(bodies) and not done.done():
+                done.set_result(None)
+
+        await raw.basic_consume(queue, on_message, no_ack=True)  # type: ignore[arg-type]
+        await asyncio.wait_for(done, 10)
+        assert received == [(str(i), body) for i, body in enumerate(bodies)]
+    finally:
+        await connection.close()
+
+
+async def test_batched_binds_are_in_effect_after_a_barrier(amqp_url: str) -> None:
+    """``nowait`` binds written together, then one synchronous call: every bind is in
+    effect once it answers (the channel processes methods in order)."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        queue = f"test.binds.{uuid.uuid4().hex}"
+        exchange = f"test.binds.{uuid.uuid4().hex}"
+        await raw.exchange_declare(exchange, exchange_type="direct", auto_delete=True)
+        await raw.queue_declare(queue, exclusive=True)
+        keys = [f"user.{i}" for i in range(50)]
+        await send_frames(
+            raw,
+            [Queue.Bind(queue=queue, exchange=exchange, routing_key=k, nowait=True) for k in keys],
+        )
+        await raw.exchange_declare(exchange, exchange_type="direct", passive=True)
+        for key in keys:
+            await raw.basic_publish(key.encode(), exchange=exchange, routing_key=key)
+        declared = await raw.queue_declare(queue, passive=True)
+        for _ in range(100):
+            if declared.message_count == len(keys):
+                break
+            await asyncio.sleep(0.02)
+            declared = await raw.queue_declare(queue, passive=True)
+        assert declared.message_count == len(keys)
+    finally:
+        await connection.close()
+
+
+async def test_a_confirm_channel_or_a_closed_one_is_refused(amqp_url: str) -> None:
+    """A confirm channel counts delivery tags per publish, which a batch would skip;
+    a closed channel's frames would be a protocol error on the shared connection."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        confirming = await (await connection.channel()).get_underlay_channel()
+        with pytest.raises(ValueError, match="confirm"):
+            publish_frames(confirming, "", "q", b"x", Basic.Properties())
+        channel = await connection.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        await channel.close()
+        with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
+            await send_frames(raw, [Queue.Bind(queue="q", exchange="x", nowait=True)])
+        # The connection is still fine.
+        other = await (await connection.channel()).get_underlay_channel()
+        await other.queue_declare("", exclusive=True)
+    finally:
+        await connection.close()
