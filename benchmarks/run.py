@@ -42,8 +42,8 @@ import aio_pika  # noqa: E402
 
 from benchmarks import lift_fd_limit  # noqa: E402
 from benchmarks.loadgen import LoadGenerator  # noqa: E402
+from notifyd.amqp import EXCHANGE  # noqa: E402
 from notifyd.auth import mint_token  # noqa: E402
-from notifyd.broker import EXCHANGE  # noqa: E402
 from notifyd.devbroker import RabbitNode, free_port  # noqa: E402
 from notifyd.metrics import GC_TRACKED_MAX_AGE  # noqa: E402
 
@@ -203,11 +203,14 @@ def running(
     settings: Mapping[str, str] | None = None,
     nice: int = 0,
     stallwatch: str | None = None,
+    cpu: int | None = None,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
     command, env = server_command(kind, port, amqp_url, settings, stallwatch)
     # A file, not a pipe: a pipe nobody reads would block a chatty server.
     with tempfile.TemporaryFile() as log:
+        if cpu is not None:
+            command = ["taskset", "-c", str(cpu), *command]  # execs, as nice does
         if nice:
             command = ["nice", "-n", str(nice), *command]  # nice execs: the pid is the server's
         process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
@@ -479,8 +482,8 @@ class Bench:
     @contextmanager
     def serving(self, settings: Mapping[str, str] | None = None) -> Iterator[None]:
         """A fresh server process, and a load generator for it."""
-        nice, watch = self.config["nice"], self.config["stallwatch"]
-        with running(self.kind, self.amqp_url, settings, nice, watch) as (process, port):
+        nice, watch, cpu = self.config["nice"], self.config["stallwatch"], self.config["pin"]
+        with running(self.kind, self.amqp_url, settings, nice, watch, cpu) as (process, port):
             self.pid, self.port = process.pid, port
             self.load = LoadGenerator(
                 port, workers=2, socketio=self.kind == "socketio", sse=self.kind == "notifyd-sse"
@@ -1026,6 +1029,13 @@ def main() -> int:
         "on a machine shared with other work, their stalls are then the server's own",
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server alone on the first CPU, everything else (RabbitMQ, the load "
+        "generator, the churn's pinger, this harness) on the others: the server's own "
+        "stalls, without its neighbours' on a small machine",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="run the servers in turn this many times"
     )
     parser.add_argument(
@@ -1035,7 +1045,14 @@ def main() -> int:
     )
     args = parser.parse_args()
     # --nice: niceness of the server and the churn's pinger (negative needs root).
-    config = {**(QUICK if args.quick else FULL), "nice": args.nice, "stallwatch": None}
+    config = {**(QUICK if args.quick else FULL), "nice": args.nice, "stallwatch": None, "pin": None}
+    if args.pin:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--pin needs two CPUs or more")
+        # Inherited by RabbitMQ, the load generator and the pinger, started from here.
+        os.sched_setaffinity(0, cpus[1:])
+        config["pin"] = cpus[0]
     if args.stallwatch:
         config["stallwatch"] = str(Path(args.stallwatch).resolve())
     scenarios = set(args.scenarios)
@@ -1054,6 +1071,8 @@ def main() -> int:
         "scenarios": [name for name in SCENARIOS if name in scenarios],
         "seconds": time.monotonic() - started,
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
+        "nice": args.nice,
+        "server_cpu": config["pin"],
     }
     if "notifyd" in results:
         write_outputs(results, meta, readme=scenarios == set(SCENARIOS) and args.repeat == 1)
