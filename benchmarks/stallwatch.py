@@ -116,14 +116,17 @@ def _on_gc(phase: str, info: dict[str, Any]) -> None:
 def instrument() -> None:
     from aiohttp import web_protocol
 
-    from notifyd import connection
+    from notifyd import connection, lifecycle
 
     for name in ("data_received", "eof_received", "connection_lost", "_wake", "flush"):
         method = getattr(connection.Connection, name)
         setattr(connection.Connection, name, timed(f"Connection.{name}", method))
-    for name in ("_reap", "_next_pass", "_take_over"):
+    for name in ("_next_pass", "_take_over"):
         method = getattr(connection.SocketServer, name)
         setattr(connection.SocketServer, name, timed(f"SocketServer.{name}", method))
+    # The reaper and the wake-ups after a binding batch.
+    batch = lifecycle.PerPass._next_batch
+    lifecycle.PerPass._next_batch = timed("PerPass._next_batch", batch)  # type: ignore[method-assign]
     connection.Outbox.flush = timed("Outbox.flush", connection.Outbox.flush)  # type: ignore[method-assign]
     handler = web_protocol.RequestHandler
     for name in ("connection_made", "data_received", "connection_lost"):

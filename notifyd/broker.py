@@ -24,7 +24,6 @@ import random
 import secrets
 import socket
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
@@ -60,6 +59,7 @@ from .amqp import (
 )
 from .config import AmqpSettings, redact_url
 from .errors import BrokerUnavailable, InvalidMessage
+from .lifecycle import PerPass
 from .logs import Throttle
 from .metrics import Metrics
 from .protocol import BROADCAST, Channel, IdGenerator, Notification
@@ -386,6 +386,11 @@ def dead_letter_arguments(settings: AmqpSettings) -> dict[str, Any]:
     return arguments
 
 
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class BindingTable:
     """The routing keys the hub wants, reconciled with the broker in batches.
 
@@ -411,8 +416,9 @@ class BindingTable:
         self.changed = changed if changed is not None else asyncio.Event()
         self._gauge = gauge
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        #: Waiters of keys just bound, woken a batch per event-loop pass.
-        self._waking: deque[asyncio.Future[None]] = deque()
+        #: Waiters of keys just bound: a batch of thousands of binds (a connect storm)
+        #: confirmed at once would wake every socket waiting for one in one pass.
+        self._waking: PerPass[asyncio.Future[None]] = PerPass(WAKE_BATCH, _wake)
 
     def want(self, routing_key: str) -> None:
         """Have ``routing_key`` bound (in the next batch, unless it is already)."""
@@ -472,25 +478,10 @@ class BindingTable:
         """Record a batch the broker has done; wakes those waiting for ``bound`` keys."""
         self.bound.update(bound)
         self.bound.difference_update(unbound)
-        waking = self._waking
-        idle = not waking
         for key in bound:
-            waking.extend(self._waiters.pop(key, ()))
-        if idle and waking:
-            # A batch of thousands of binds (a connect storm) confirmed at once would
-            # wake every socket waiting for one in the same pass of the event loop.
-            asyncio.get_running_loop().call_soon(self._wake)
+            self._waking.extend(self._waiters.pop(key, ()))
         if self._gauge is not None:
             self._gauge.set(len(self.bound))
-
-    def _wake(self) -> None:
-        waking = self._waking
-        for _ in range(min(WAKE_BATCH, len(waking))):
-            future = waking.popleft()
-            if not future.done():
-                future.set_result(None)
-        if waking:
-            asyncio.get_running_loop().call_soon(self._wake)
 
     def forget_bound(self) -> None:
         """After a reconnect: bind everything wanted again (binding is idempotent).

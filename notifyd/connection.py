@@ -37,7 +37,7 @@ from .closes import CloseReason
 from .config import Settings
 from .errors import AuthError, BrokerUnavailable, HandshakeError, ProtocolError
 from .hub import Hub
-from .lifecycle import Drain, cancel_all
+from .lifecycle import Drain, OwnedTasks, PerPass
 from .logs import Throttle
 from .metrics import Metrics
 from .protocol import (
@@ -201,6 +201,12 @@ class TimedSession(Session):
     def after(self, now: float) -> None:
         raise NotImplementedError
 
+    def close_soon(self, why: CloseReason) -> None:
+        """Close for ``why`` after what is queued (drain, disconnect, revoke)."""
+        now = time.time()
+        self.close_for(why, now)
+        self.after(now)
+
     def _set_timer(self, wake_at: float, now: float) -> None:
         """One timer, due at ``wake_at`` (never: none); moved only when that changed."""
         if wake_at != self._timer_at:
@@ -336,12 +342,6 @@ class Connection(TimedSession):
             self._queued = True
             self.server.outbox.add(self)
         return queued
-
-    def close_soon(self, why: CloseReason) -> None:
-        """Close for ``why`` after what is queued (drain, disconnect, revoke)."""
-        now = time.time()
-        self.close_for(why, now)
-        self.after(now)
 
     def heartbeat(self) -> None:
         now = time.time()
@@ -632,9 +632,8 @@ class SocketServer:
         self.presence: Presence | None = None
         #: History pages for the ``history`` message (None: history is off).
         self.history: HistoryReader | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        #: Set by :meth:`close`: no task is spawned after it.
-        self._closed = False
+        #: What connections await; none is started after :meth:`close`.
+        self._tasks = OwnedTasks("socket tasks")
         #: Done once a drain is to close the sockets it has not reached yet at once.
         self._drain = Drain()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -643,7 +642,7 @@ class SocketServer:
         self._admission: deque[asyncio.Future[None]] = deque()
         self._gate_scheduled = False
         #: Ended sockets still to be cleaned up, a batch per event-loop pass.
-        self._reaping: deque[Connection] = deque()
+        self._reaping: PerPass[Connection] = PerPass(REAP_BATCH, Connection.reap)
         #: Sockets upgraded and not yet authenticated, in total and by client address.
         self.pending = 0
         self._pending_by_address: dict[str, int] = {}
@@ -819,26 +818,12 @@ class SocketServer:
         if connection._reaping:
             return
         connection._reaping = True
-        self._reaping.append(connection)
-        if len(self._reaping) == 1:
-            self.loop.call_soon(self._reap)
-
-    def _reap(self) -> None:
-        reaping = self._reaping
-        for _ in range(min(REAP_BATCH, len(reaping))):
-            reaping.popleft().reap()
-        if reaping:
-            self.loop.call_soon(self._reap)
+        self._reaping.add(connection)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
         """Run a connection's awaited request as a task this server owns (and
         :meth:`close` awaits); after :meth:`close` nothing is run."""
-        if self._closed:
-            coroutine.close()
-            return
-        task = self.loop.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coroutine)
 
     def verify_now(self, token: str, now: float) -> Identity | tuple[str, str] | None:
         """The Identity, or the refusal's (reason, message), when the token can be
@@ -878,7 +863,7 @@ class SocketServer:
         """Close every socket with 1001, spread evenly over ``window`` seconds (all at
         once after :meth:`hurry`), then give them a moment to go."""
         self.draining = True
-        await self._drain.run(self.connections, _close_for_shutdown, window, "sockets")
+        await self._drain.run(self.connections, close_for_shutdown, window, "sockets")
 
     def hurry(self) -> None:
         """Have a drain (under way or to come) close the remaining sockets at once."""
@@ -887,15 +872,16 @@ class SocketServer:
     async def close(self) -> None:
         """Drop whatever is still connected, cancel what connections still await, and
         wait for those tasks to end; nothing is spawned after this."""
-        self._closed = True
+        self._tasks.closed = True
         self.draining = True
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
         for waiter in self._admission:
             waiter.cancel()
-        await cancel_all(list(self._tasks), "socket tasks")
+        await self._tasks.close()
 
 
-def _close_for_shutdown(member: Connection) -> None:
-    member.close_soon(CloseReason.SHUTDOWN)
+def close_for_shutdown(session: TimedSession) -> None:
+    """What a drain does to each WebSocket and SSE stream: close it with 1001."""
+    session.close_soon(CloseReason.SHUTDOWN)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from collections import deque
+from collections.abc import Callable, Collection, Coroutine, Iterable
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
@@ -77,3 +78,66 @@ class Drain:
         deadline = loop.time() + 3.0
         while live and loop.time() < deadline:
             await asyncio.sleep(0.05)
+
+
+class PerPass(Generic[T]):
+    """Items handed to ``handle`` at most ``batch`` per pass of the event loop, in
+    the order they came.
+
+    What a reconnect wave brings by the thousand (ended sockets to close, sockets
+    whose binding came into effect), done where it arrives, would all run in one
+    pass and stop every other socket for as long; a batch per pass lets their
+    traffic through in between.
+    """
+
+    __slots__ = ("_batch", "_handle", "_queue")
+
+    def __init__(self, batch: int, handle: Callable[[T], None]) -> None:
+        self._batch = batch
+        self._handle = handle
+        self._queue: deque[T] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def add(self, item: T) -> None:
+        self.extend((item,))
+
+    def extend(self, items: Iterable[T]) -> None:
+        queue = self._queue
+        idle = not queue
+        queue.extend(items)
+        if idle and queue:
+            asyncio.get_running_loop().call_soon(self._next_batch)
+
+    def _next_batch(self) -> None:
+        queue, handle = self._queue, self._handle
+        for _ in range(min(self._batch, len(queue))):
+            handle(queue.popleft())
+        if queue:
+            asyncio.get_running_loop().call_soon(self._next_batch)
+
+
+class OwnedTasks:
+    """The tasks a component starts on its sessions' behalf: :meth:`close` cancels and
+    awaits them, and from then on nothing more is started."""
+
+    __slots__ = ("_tasks", "_what", "closed")
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as an owned task (after :meth:`close`: not at all)."""
+        if self.closed:
+            coroutine.close()
+            return
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        self.closed = True
+        await cancel_all(list(self._tasks), self._what)

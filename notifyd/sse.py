@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any, Final, cast
 from aiohttp import web
 
 from .auth import Identity
-from .closes import CloseReason
 from .config import Settings
-from .connection import SocketServer, TimedSession, credentials
+from .connection import SocketServer, TimedSession, close_for_shutdown, credentials
 from .errors import AuthError, BrokerUnavailable, ProtocolError
 from .history_api import STATUS as HISTORY_STATUS
-from .lifecycle import Drain, cancel_all
+from .lifecycle import Drain, OwnedTasks
 from .metrics import Metrics
 from .protocol import (
     Channel,
@@ -217,11 +216,6 @@ class SseStream(TimedSession):
                 self._soon = True
                 self.server.loop.call_soon(self._after_soon)
 
-    def close_soon(self, why: CloseReason) -> None:
-        now = time.time()
-        self.close_for(why, now)
-        self.after(now)
-
     def heartbeat(self) -> None:
         """A comment line every interval; a client gone meanwhile ends the stream."""
         now = time.time()
@@ -373,8 +367,8 @@ class SseServer:
         self._cache_bytes = 0
         #: ``POST /api/messages`` token buckets per user: (tokens, stamp).
         self._rates: OrderedDict[str, tuple[float, float]] = OrderedDict()
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._closed = False
+        #: What streams await; none is started after :meth:`close`.
+        self._tasks = OwnedTasks("SSE tasks")
         self._drain = Drain()
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Tells the other replicas a ticket was redeemed here (the gateway's cluster
@@ -517,7 +511,7 @@ class SseServer:
             self.metrics.connection_attempts.labels("origin").inc()
             return json_error(403, "origin_not_allowed", "origin not allowed", {})
         sockets = self.sockets
-        if sockets.draining or self._closed:
+        if sockets.draining or self._tasks.closed:
             return self._refuse(503, "unavailable", "server going away", "overloaded", cors)
         if len(sockets.connections) + len(self.streams) >= self.settings.server.max_connections:
             return self._refuse(503, "overloaded", "server full", "overloaded", cors)
@@ -741,17 +735,12 @@ class SseServer:
     def spawn(self, coroutine: Any) -> None:
         """Run a stream's awaited request as a task this server owns (:meth:`close`
         cancels and awaits it); after :meth:`close` nothing is run."""
-        if self._closed:
-            coroutine.close()
-            return
-        task = self.loop.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coroutine)
 
     async def drain(self, window: float) -> None:
         """Close every stream with ``event: close`` 1001, spread over ``window`` seconds
         (all at once after :meth:`hurry`), then give them a moment to end."""
-        await self._drain.run(self.streams, _close_for_shutdown, window, "SSE streams")
+        await self._drain.run(self.streams, close_for_shutdown, window, "SSE streams")
 
     async def on_shutdown(self, app: web.Application) -> None:
         """aiohttp waits for open request handlers before the app's cleanup (where the
@@ -765,10 +754,10 @@ class SseServer:
 
     async def close(self) -> None:
         """Drop the streams still open, cancel and await their tasks."""
-        self._closed = True
+        self._tasks.closed = True
         for stream in list(self.streams):
             stream.transport.abort()
-        await cancel_all(list(self._tasks), "SSE tasks")
+        await self._tasks.close()
 
 
 def ticket_key(settings: Settings) -> bytes:
@@ -784,7 +773,3 @@ def ticket_key(settings: Settings) -> bytes:
         "[sse] ticket_secret (NOTIFYD_SSE_TICKET_SECRET) on every replica"
     )
     return random_key()
-
-
-def _close_for_shutdown(stream: SseStream) -> None:
-    stream.close_soon(CloseReason.SHUTDOWN)
