@@ -192,6 +192,12 @@ async def server(make_server: ServerFactory) -> Server:
     return await make_server()
 
 
+async def stream_replicas(make_server: ServerFactory) -> tuple[Server, Server]:
+    """Two replicas sharing the stream history (a resume may land on either)."""
+    history = {"backend": "stream"}
+    return await make_server(history=history), await make_server(history=history)
+
+
 async def receive_json(ws: aiohttp.ClientWebSocketResponse, timeout: float = 5) -> Any:
     msg = await ws.receive(timeout=timeout)
     assert msg.type == aiohttp.WSMsgType.TEXT, (msg.type, msg.data, msg.extra)

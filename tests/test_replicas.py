@@ -17,6 +17,7 @@ from .conftest import (
     new_user,
     receive_json,
     receive_until,
+    stream_replicas,
 )
 
 
@@ -61,9 +62,7 @@ async def test_chat_through_a_topic_across_two_replicas(make_server: ServerFacto
 async def test_resume_on_another_replica_from_the_shared_stream(
     make_server: ServerFactory, amqp: AmqpPublisher
 ) -> None:
-    history = {"backend": "stream"}
-    replica_a = await make_server(history=history)
-    replica_b = await make_server(history=history)
+    replica_a, replica_b = await stream_replicas(make_server)
     user = new_user()
     ws, _ = await replica_a.connect(user)
     await amqp.send(f"user.{user}", {"data": 0}, message_id=f"{user}-0")
@@ -137,9 +136,7 @@ async def test_resume_on_another_replica_after_plain_publishes(
 ) -> None:
     """Notifications without message_id have content ids: replica B finds the last one
     a client saw on replica A in the stream, and replays exactly what followed."""
-    history = {"backend": "stream"}
-    replica_a = await make_server(history=history)
-    replica_b = await make_server(history=history)
+    replica_a, replica_b = await stream_replicas(make_server)
     user = new_user()
     key = f"user.{user}"
     ws, _ = await replica_a.connect(user)
@@ -185,9 +182,7 @@ async def test_plain_publishes_during_a_resume_reach_the_socket_once(
 ) -> None:
     """While replica B reads the stream for a resume, plain publishes keep coming: each
     arrives live (held) and in the stream under another content id. Shown once each."""
-    history = {"backend": "stream"}
-    replica_a = await make_server(history=history)
-    replica_b = await make_server(history=history)
+    replica_a, replica_b = await stream_replicas(make_server)
     user = new_user()
     key = f"user.{user}"
     ws, _ = await replica_a.connect(user)

@@ -33,6 +33,7 @@ from .conftest import (
     expect_close,
     new_user,
     receive_json,
+    stream_replicas,
     token,
 )
 
@@ -313,9 +314,7 @@ async def test_ticket_from_one_replica_is_redeemed_on_another(
 async def test_last_event_id_resumes_on_another_replica_exactly_once(
     make_server: ServerFactory, amqp: AmqpPublisher
 ) -> None:
-    history = {"backend": "stream"}
-    replica_a = await make_server(history=history)
-    replica_b = await make_server(history=history)
+    replica_a, replica_b = await stream_replicas(make_server)
     user = new_user()
     stream, _ = await open_stream(replica_a, token(user))
     await amqp.send(f"user.{user}", {"data": 0}, message_id=f"{user}-0")
