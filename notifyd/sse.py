@@ -137,6 +137,42 @@ def event_for_frame(frame: bytes) -> tuple[bytes, bool]:
 # --- one stream -------------------------------------------------------------------------
 
 
+class LossWatch(asyncio.Protocol):
+    """The transport's protocol while a stream is open: aiohttp's request handler in
+    all but name (every event is passed on), and the stream hears at once that its
+    client went away.
+
+    A stream reads nothing from its client, so without this a closed tab is noticed
+    only at the stream's next write: a heartbeat, or a notification for its user,
+    perhaps never. The stream is let go when the connection ends (no cycle through
+    the transport).
+    """
+
+    __slots__ = ("handler", "stream")
+
+    def __init__(self, handler: asyncio.Protocol, stream: SseStream) -> None:
+        self.handler = handler
+        self.stream: SseStream | None = stream
+
+    def data_received(self, data: bytes) -> None:
+        self.handler.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()
+
+    def pause_writing(self) -> None:
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        stream, self.stream = self.stream, None
+        if stream is not None:
+            stream.gone()
+        self.handler.connection_lost(exc)
+
+
 class SseStream(TimedSession):
     """One ``GET /sse`` stream: a hub subscriber whose session's frames become SSE events.
 
@@ -196,7 +232,7 @@ class SseStream(TimedSession):
     def write(self, frame: bytes, seq: int, now: float) -> bool:
         transport = self.transport
         if transport.is_closing():
-            self._gone()
+            self.gone()
             return False
         queued = self.live(frame, seq, transport.get_write_buffer_size(), now)
         if queued:
@@ -207,7 +243,7 @@ class SseStream(TimedSession):
             self.server.loop.call_soon(self._after_soon)
         return queued
 
-    def _gone(self) -> None:
+    def gone(self) -> None:
         """The client went away: end the stream (out of the hub in the next pass)."""
         if self.state < State.CLOSED:
             self.lost()
@@ -220,7 +256,7 @@ class SseStream(TimedSession):
         """A comment line every interval; a client gone meanwhile ends the stream."""
         now = time.time()
         if self.transport.is_closing():
-            self._gone()
+            self.gone()
         elif self.state is State.OPEN:
             self._queue(PING_FRAME)
         self.after(now)
@@ -548,6 +584,7 @@ class SseServer:
             return response
         await response.prepare(request)
         stream = SseStream(self, transport, now, since)
+        transport.set_protocol(LossWatch(cast(asyncio.Protocol, request.protocol), stream))
         self.streams.add(stream)
         self.metrics.sse_connections.set(len(self.streams))
         try:

@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from aiohttp.web_runner import BaseRunner
 
 from notifyd.app import GATEWAY, create_app, runner_options
 from notifyd.auth import mint_token
@@ -162,6 +163,16 @@ class Server:
 ServerFactory = Callable[..., Awaitable[Server]]
 
 
+class AsDeployedTestServer(TestServer):
+    """aiohttp's test server cancels a request handler whose client went away;
+    notifyd's runner keeps aiohttp's default (it does not). Tests run as deployed,
+    or a stream that only ends by that cancellation would pass here and hang there."""
+
+    async def _make_runner(self, **kwargs: Any) -> BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
 @pytest.fixture
 async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
     """Start in-process servers; ``await make_server(ws={...})`` overrides settings."""
@@ -173,7 +184,7 @@ async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
     ) -> Server:
         settings = settings_for(url or amqp_url, **sections)
         app = create_app(settings)
-        test_server = TestServer(app, host="127.0.0.1")
+        test_server = AsDeployedTestServer(app, host="127.0.0.1")
         await test_server.start_server(**runner_options(settings, app[GATEWAY].metrics))
         started.append(test_server)
         server = Server(test_server, session)

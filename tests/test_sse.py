@@ -514,6 +514,18 @@ async def test_drain_closes_streams_with_1001(server: Server) -> None:
     assert status == 503 and body["error"] == "unavailable"
 
 
+async def test_a_client_gone_is_noticed_without_a_write(server: Server) -> None:
+    """No heartbeat here and nothing published: the stream still leaves the hub as
+    soon as its client closes the connection (a closed browser tab)."""
+    user = new_user()
+    stream, _ = await open_stream(server, token(user))
+    hub = server.gateway.hub
+    assert hub.connections_of(user) == 1
+    await stream.close()
+    await poll(lambda: hub.connections_of(user) == 0, timeout=2)
+    assert server.gateway.settings.ws.heartbeat == 0  # nothing else could have noticed
+
+
 async def test_sigterm_drains_streams_with_1001(
     processes: Callable[..., ServerProcess],
 ) -> None:
