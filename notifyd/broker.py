@@ -411,6 +411,9 @@ class BindingTable:
         self.desired: set[str] = set(always)
         #: Keys that are (or may still be) bound on the broker.
         self.bound: set[str] = set()
+        #: Keys of :attr:`bound` handed out to be unbound, not yet confirmed: no longer
+        #: bound for a socket waiting to be routable, nor settled if wanted again.
+        self.unbinding: set[str] = set()
         #: Keys whose wanted and bound states may differ.
         self._dirty: set[str] = set(always)
         self.changed = changed if changed is not None else asyncio.Event()
@@ -423,7 +426,7 @@ class BindingTable:
     def want(self, routing_key: str) -> None:
         """Have ``routing_key`` bound (in the next batch, unless it is already)."""
         self.desired.add(routing_key)
-        if routing_key not in self.bound:
+        if routing_key not in self.bound or routing_key in self.unbinding:
             self._dirty.add(routing_key)
             self.changed.set()
 
@@ -435,8 +438,12 @@ class BindingTable:
             self.changed.set()
 
     def is_bound(self, routing_key: str) -> bool:
-        """Whether ``routing_key`` is wanted and bound on the broker."""
-        return routing_key in self.bound and routing_key in self.desired
+        """Whether ``routing_key`` is wanted and bound on the broker (and stays so)."""
+        return (
+            routing_key in self.bound
+            and routing_key in self.desired
+            and routing_key not in self.unbinding
+        )
 
     async def wait_bound(self, routing_key: str, timeout: float) -> bool:
         """Wait until ``routing_key`` is bound; False on timeout."""
@@ -453,12 +460,18 @@ class BindingTable:
         return True
 
     def pending(self) -> tuple[list[str], list[str]]:
-        """The next batch: keys to bind, keys to unbind."""
+        """The next batch: keys to bind, keys to unbind.
+
+        A key wanted again while its unbind is under way stays dirty: it is bound
+        anew in the batch after that unbind is confirmed.
+        """
         to_bind: list[str] = []
         to_unbind: list[str] = []
         settled = []
-        desired, bound = self.desired, self.bound
+        desired, bound, unbinding = self.desired, self.bound, self.unbinding
         for key in self._dirty:
+            if key in unbinding:
+                continue
             if key in desired:
                 if key in bound:
                     settled.append(key)
@@ -472,12 +485,14 @@ class BindingTable:
             if len(to_bind) >= _BIND_BATCH and len(to_unbind) >= _UNBIND_BATCH:
                 break
         self._dirty.difference_update(settled)
+        unbinding.update(to_unbind)
         return to_bind, to_unbind
 
     def applied(self, bound: list[str], unbound: list[str]) -> None:
         """Record a batch the broker has done; wakes those waiting for ``bound`` keys."""
         self.bound.update(bound)
         self.bound.difference_update(unbound)
+        self.unbinding.difference_update(unbound)
         for key in bound:
             self._waking.extend(self._waiters.pop(key, ()))
         if self._gauge is not None:
@@ -489,6 +504,7 @@ class BindingTable:
         Keys no longer wanted stay in ``bound``: the queue may have outlived the
         disconnect with them, so they are unbound.
         """
+        self.unbinding.clear()
         self.bound.difference_update(self.desired)
         self._dirty.update(self.desired)
         self._dirty.update(self.bound)
@@ -786,11 +802,15 @@ class Broker:
     # --- bindings ---------------------------------------------------------------------
 
     async def _apply_bindings(self, raw: RawChannel) -> None:
-        """Send pending binds/unbinds without waiting for each, then one barrier.
+        """Send pending binds without waiting for each, one barrier, then the unbinds.
 
         Both tables in each batch, every bind before any unbind: a key moving from
         ``notifyd.route`` to the history-only binding on ``notifyd`` (released from
         one and wanted by the other at once) is bound anew before it is unbound.
+        The binds are confirmed before the unbinds start: an unbind is a round trip
+        of its own (``queue.unbind`` has no ``nowait``), and the new sockets of a
+        reconnect wave must not wait for their welcome behind the unbinds of the
+        sockets that left.
         """
         while True:
             to_bind, to_unbind = self.bindings.pending()
@@ -799,24 +819,29 @@ class Broker:
                 return
             binds = [(ROUTE_EXCHANGE, key) for key in to_bind]
             binds.extend((EXCHANGE, key) for key in history_bind)
-            # A batch per write; between two, the event loop runs other work (a
-            # storm's thousands of binds would otherwise hold it for all of them).
-            for start in range(0, len(binds), FRAMES_PER_WRITE):
-                queue = self.queue_name
-                frames = [
-                    Queue.Bind(queue=queue, exchange=exchange, routing_key=key, nowait=True)
-                    for exchange, key in binds[start : start + FRAMES_PER_WRITE]
-                ]
-                await send_frames(raw, frames)
+            if binds:
+                # A batch per write; between two, the event loop runs other work (a
+                # storm's thousands of binds would otherwise hold it for all of them).
+                for start in range(0, len(binds), FRAMES_PER_WRITE):
+                    queue = self.queue_name
+                    frames = [
+                        Queue.Bind(queue=queue, exchange=exchange, routing_key=key, nowait=True)
+                        for exchange, key in binds[start : start + FRAMES_PER_WRITE]
+                    ]
+                    await send_frames(raw, frames)
+                # The channel processes methods in order: when this answers, every
+                # bind sent before it is in effect.
+                await raw.exchange_declare(
+                    EXCHANGE, exchange_type="topic", durable=True, passive=True
+                )
+                self.bindings.applied(to_bind, [])
+                self.history_bindings.applied(history_bind, [])
             for key in to_unbind:
                 await raw.queue_unbind(self.queue_name, ROUTE_EXCHANGE, routing_key=key)
             for key in history_unbind:
                 await raw.queue_unbind(self.queue_name, EXCHANGE, routing_key=key)
-            # The channel processes methods in order: when this answers, every
-            # bind sent before it is in effect.
-            await raw.exchange_declare(EXCHANGE, exchange_type="topic", durable=True, passive=True)
-            self.bindings.applied(to_bind, to_unbind)
-            self.history_bindings.applied(history_bind, history_unbind)
+            self.bindings.applied([], to_unbind)
+            self.history_bindings.applied([], history_unbind)
 
     async def _binding_worker(self, raw: RawChannel) -> None:
         changed = self.bindings.changed

@@ -15,7 +15,16 @@ import pytest
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic, Queue
 
-from notifyd.broker import WAKE_BATCH, BindingTable, publish_frames, send_frames
+from notifyd.broker import (
+    _UNBIND_BATCH,
+    WAKE_BATCH,
+    BindingTable,
+    Broker,
+    publish_frames,
+    send_frames,
+)
+
+from .conftest import settings_for
 
 
 async def test_a_batch_of_bindings_wakes_its_waiters_a_few_per_pass() -> None:
@@ -44,6 +53,61 @@ async def test_a_batch_of_bindings_wakes_its_waiters_a_few_per_pass() -> None:
     assert len([n for n in seen if n]) >= len(keys) // WAKE_BATCH
     assert woken == keys
     await asyncio.gather(*waiters)
+
+
+def test_a_key_wanted_again_while_its_unbind_is_under_way_is_bound_anew() -> None:
+    """A user back while the unbind of their key is on its way to RabbitMQ: their
+    socket must not count as routable (the unbind would take the binding away after
+    its welcome), and the key is bound again once the unbind is confirmed."""
+    table = BindingTable(always=())
+    table.want("user.a")
+    table.applied(*table.pending())
+    assert table.is_bound("user.a")
+    table.release("user.a")
+    to_bind, to_unbind = table.pending()
+    assert (to_bind, to_unbind) == ([], ["user.a"])
+    table.want("user.a")  # back during the unbind
+    assert not table.is_bound("user.a")
+    assert table.pending() == ([], [])  # no bind before the unbind is confirmed
+    table.applied([], to_unbind)
+    assert not table.is_bound("user.a")
+    assert table.pending() == (["user.a"], [])
+    table.applied(["user.a"], [])
+    assert table.is_bound("user.a")
+    assert table.pending() == ([], [])
+
+
+async def test_new_users_are_bound_before_the_unbinds_of_those_who_left(amqp_url: str) -> None:
+    """A reconnect wave on a real RabbitMQ: the keys of users who left are unbound
+    (a round trip each) while new users arrive. A new user's bind is confirmed, and
+    their socket woken, before the first batch of unbinds is through; then every
+    unbind is done."""
+    broker = Broker(settings_for(amqp_url).amqp, lambda _: None, lambda _: None)
+    runner = asyncio.create_task(broker.run())
+    try:
+        await asyncio.wait_for(broker.connected.wait(), 10)
+        table = broker.bindings
+        tag = uuid.uuid4().hex[:8]
+        left = {f"user.left-{tag}-{i}" for i in range(3 * _UNBIND_BATCH)}
+        for key in left:
+            table.want(key)
+        for key in left:
+            assert await table.wait_bound(key, 10)
+        for key in left:
+            table.release(key)
+        arrived = f"user.new-{tag}"
+        table.want(arrived)
+        assert await table.wait_bound(arrived, 10)
+        assert len(table.bound & left) > len(left) - _UNBIND_BATCH
+        for _ in range(500):
+            if not table.bound & left:
+                break
+            await asyncio.sleep(0.02)
+        assert not table.bound & left and not table.unbinding
+        assert table.is_bound(arrived)
+    finally:
+        await broker.close()
+        await runner
 
 
 async def test_a_batch_of_publishes_arrives_whole_and_in_order(amqp_url: str) -> None:
