@@ -6,7 +6,7 @@ after notification X" exactly, or says that it cannot (the gap is too old, or X
 was never seen here), so a client is never given a silent partial replay.
 
 :class:`RecentIds` remembers message ids for a while so that a message published
-twice with the same ``message_id`` is delivered once.
+twice with the same ``message_id`` on the same channel is delivered once.
 
 Retained entries are tuples of strings, numbers and bytes only: CPython's cycle
 collector stops tracking such tuples the first time it sees them, so a full
@@ -55,7 +55,7 @@ class MemoryHistory:
         self._windows: dict[str, _Window] = {}
         #: Every retained entry in arrival order, for age and total eviction.
         self._order: deque[tuple[int, float, str]] = deque()
-        #: id -> sequence number of retained notifications.
+        #: id -> sequence number of retained notifications (the latest with that id).
         self._index: dict[str, int] = {}
         self._seq = 0
 
@@ -132,7 +132,8 @@ class MemoryHistory:
         something after it was already evicted from one of the channels.
         ``before_seq`` leaves out what the session has already received live.
         """
-        start = self._index.get(since)
+        channels = list(channels)
+        start = self._start(since, channels)
         if start is None:
             return None
         found: list[tuple[int, Notification]] = []
@@ -149,6 +150,19 @@ class MemoryHistory:
                     found.append((seq, Notification(notification_id, channel, frame, ts)))
         found.sort(key=lambda pair: pair[0])
         return [notification for _, notification in found]
+
+    def _start(self, since: str, channels: list[Channel]) -> int | None:
+        """The sequence number of ``since``: its first entry on one of ``channels``
+        (another user's notification may have the same id: a publisher's ids are its
+        own), else its latest anywhere (a topic the socket joins only after resuming)."""
+        starts = []
+        for channel in channels:
+            window = self._windows.get(str(channel))
+            for seq, notification_id, _, _ in window.entries if window is not None else ():
+                if notification_id == since:
+                    starts.append(seq)
+                    break
+        return min(starts) if starts else self._index.get(since)
 
 
 @dataclass(slots=True)
@@ -191,15 +205,18 @@ def may_read(identity: Identity, channel: Channel) -> bool:
 
 
 class RecentIds:
-    """Message ids seen in the last ``window`` seconds (at most ``limit`` of them)."""
+    """Message ids seen in the last ``window`` seconds (at most ``limit`` of them), per
+    channel: a publisher's retry goes to the same routing key, while two users'
+    messages may carry the same id (a publisher's own counter, say)."""
 
     def __init__(self, window: float, limit: int = 100_000) -> None:
         self.window = window
         self.limit = limit
-        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
 
-    def seen(self, message_id: str, now: float) -> bool:
-        """True if ``message_id`` was seen within the window; remembers it otherwise."""
+    def seen(self, channel: str, message_id: str, now: float) -> bool:
+        """True if ``message_id`` was seen on ``channel`` within the window; remembers
+        it otherwise."""
         seen = self._seen
         cutoff = now - self.window
         while seen:
@@ -207,8 +224,9 @@ class RecentIds:
             if at >= cutoff and len(seen) < self.limit:
                 break
             del seen[oldest_id]
-        if message_id in seen:
+        key = (channel, message_id)
+        if key in seen:
             return True
         if self.window > 0:
-            seen[message_id] = now
+            seen[key] = now
         return False

@@ -259,7 +259,7 @@ class Hub:
         channel = notification.channel
         metrics = self.metrics
         metrics.received[channel.kind].inc()
-        if self.dedupe is not None and self.dedupe.seen(notification.id, now):
+        if self.dedupe is not None and self.dedupe.seen(str(channel), notification.id, now):
             metrics.dropped_duplicate.inc()
             return 0
         if notification.expires_at is not None and notification.expires_at <= now:

@@ -67,6 +67,8 @@ class _Request:
     channels: frozenset[Channel]
     future: asyncio.Future[list[Notification] | None]
     found: bool = False
+    #: Found on one of its own channels (not just anywhere: see :class:`_Scan`).
+    found_here: bool = False
     missed: list[Notification] = field(default_factory=list)
     #: The digest bits of ``since.id`` if it is a ULID: a content id names a message
     #: without ``message_id`` by them (see :meth:`notifyd.protocol.IdGenerator.content`).
@@ -80,8 +82,10 @@ class _Scan:
     """What one read of the stream does with each delivery, with no I/O.
 
     A request's resume point is the first delivery that has its ``since`` id as
-    ``message_id``, or, without ``message_id``, is on one of its channels and has
-    the digest of its ``since`` content id. The same content again within the
+    ``message_id`` (the first on one of its channels, if there is one: another
+    user's may have the same id; one elsewhere stands for a topic the socket joins
+    only after resuming), or, without ``message_id``, is on one of its channels and
+    has the digest of its ``since`` content id. The same content again within the
     read (a publisher repeating a body) matches at its first occurrence: the
     client is sent again what followed, never less. Found, a request collects
     what follows on its channels; what has no ``message_id`` gets a content id
@@ -100,6 +104,7 @@ class _Scan:
         for request in batch:  # from scratch: this may be a second attempt
             request.missed.clear()
             request.found = not request.since.id  # a gap read has no id to look for
+            request.found_here = False
 
     def __call__(self, delivery: Delivery) -> None:
         batch = self.batch
@@ -111,7 +116,16 @@ class _Scan:
         digest = None
         if message_id is not None:
             for request in batch:
-                if not request.found and message_id == request.since.id:
+                if message_id != request.since.id or request.found_here:
+                    continue
+                if channel in request.channels:
+                    # Another user's notification with the same id may have come first
+                    # (a publisher's ids are its own): from here on, not from there.
+                    request.found = request.found_here = True
+                    request.missed.clear()
+                    if request in wanting:  # the resume point itself is not missed
+                        wanting.remove(request)
+                elif not request.found:
                     request.found = True
         else:
             for request in batch:

@@ -477,6 +477,23 @@ async def test_the_content_of_a_resume_point_matches_on_the_clients_channels_onl
     assert (await _scan(since, [with_id, _stored()], ["42"])).found
 
 
+async def test_a_message_id_matches_on_the_clients_channels_before_anywhere_else() -> None:
+    """Publishers' ids are their own: another user's notification earlier in the stream
+    with the same id is not where the client stopped (it would replay what the client
+    had, and more). Found only elsewhere, it stands for a topic the socket joins after
+    resuming, and the replay starts there."""
+    mine = [Delivery("user.42", f'{{"data": {i}}}'.encode(), message_id=f"m-{i}") for i in range(4)]
+    stream = [
+        Delivery("user.other", b'{"data": "theirs"}', message_id="m-2"),
+        Delivery("topic.lobby", b'{"data": "before"}', message_id="chat-1"),
+        *mine,
+    ]
+    request = await _scan("m-2", stream, ["42"])
+    assert request.found and _data(request.missed) == [3]
+    elsewhere = await _scan("chat-1", stream, ["42"])
+    assert elsewhere.found and _data(elsewhere.missed) == [0, 1, 2, 3]
+
+
 async def test_identical_content_is_matched_at_its_first_occurrence() -> None:
     """A known limit: a repeat, never a loss."""
     stream = [_stored(body=b'{"data": "x"}'), _stored(body=b'{"data": 1}')]

@@ -256,7 +256,11 @@ async def wait_for(check: Callable[[], Any], what: str, timeout: float = 15) -> 
         await asyncio.sleep(0.1)
 
 
-RECORD_IDS = "() => { window.ids = []; window.notifydClient.on('notification', (n) => window.ids.push(n.id)); }"
+RECORD_IDS = """() => {
+  window.ids = [];
+  window.notes = [];
+  window.notifydClient.on('notification', (n) => { window.ids.push(n.id); window.notes.push(n); });
+}"""
 #: Connections opened, by transport: sockets accepted, SSE tickets issued.
 OPENED = {
     "websocket": 'notifyd_connection_attempts_total{outcome="accepted"}',
@@ -267,6 +271,12 @@ OPENED = {
 async def received_ids(page: Page) -> list[str]:
     ids: list[str] = await page.evaluate("window.ids")
     return ids
+
+
+async def unexpected(pages: list[Page], expected: list[str]) -> list[Any]:
+    """The notifications each page got beyond ``expected`` (for a failure's message)."""
+    notes: list[list[Any]] = [await page.evaluate("window.notes") for page in pages]
+    return [[n for n in got if n["id"] not in expected] for got in notes]
 
 
 @pytest.mark.parametrize("transport", ["websocket", "sse"])
@@ -318,7 +328,8 @@ async def test_tabs_share_one_connection_and_hand_over_without_loss_or_duplicate
     await tabs[0].close()
     await publisher
     await wait_for(lambda: everyone_has(tabs[1:], sent), "every notification after the handover")
-    assert [await received_ids(tab) for tab in tabs[1:]] == [sent] * 2
+    got = [await received_ids(tab) for tab in tabs[1:]]
+    assert got == [sent] * 2, await unexpected(tabs[1:], sent)
     assert await tabs[1].evaluate("window.notifydClient.role") == "leader"
     await expect(tabs[1].get_by_test_id("state")).to_have_text("open (resumed)")
 

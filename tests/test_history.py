@@ -76,15 +76,37 @@ def test_before_seq_leaves_out_what_was_delivered_live() -> None:
     assert history.last_seq == seq_b + 1
 
 
+def test_a_resume_point_is_looked_for_on_the_sockets_channels_first() -> None:
+    """Two users' notifications with one id (a publisher's own counter): alice resumes
+    from hers, not from bob's later one, which would skip what she missed between."""
+    history = MemoryHistory(10, 60, 100)
+    for notification in [n("dup"), n("a1"), n("dup", BOB), n("a2"), n("b1", BOB)]:
+        history.record(notification, 0)
+    assert ids(history.replay("dup", [ALICE, BROADCAST])) == ["a1", "a2"]
+    assert ids(history.replay("dup", [BOB])) == ["b1"]
+    # Nowhere on the socket's channels: the latest anywhere (a topic joined later).
+    assert ids(history.replay("dup", [NEWS, ALICE])) == ["a1", "a2"]
+    assert ids(history.replay("b1", [ALICE])) == []
+
+
 def test_recent_ids_window_and_limit() -> None:
     recent = RecentIds(window=10, limit=3)
-    assert not recent.seen("a", 0)
-    assert recent.seen("a", 5)
-    assert not recent.seen("a", 11)  # forgotten after the window
+    assert not recent.seen("user:u", "a", 0)
+    assert recent.seen("user:u", "a", 5)
+    assert not recent.seen("user:u", "a", 11)  # forgotten after the window
     for key in "bcd":
-        assert not recent.seen(key, 12)
-    assert not recent.seen("a", 12)  # pushed out by the limit
-    assert not RecentIds(window=0).seen("x", 0) and not RecentIds(window=0).seen("x", 0)
+        assert not recent.seen("user:u", key, 12)
+    assert not recent.seen("user:u", "a", 12)  # pushed out by the limit
+    assert not RecentIds(window=0).seen("c", "x", 0) and not RecentIds(window=0).seen("c", "x", 0)
+
+
+def test_recent_ids_are_per_channel() -> None:
+    """A retry goes to the same channel; another user's message with the same id is
+    another message."""
+    recent = RecentIds(window=10)
+    assert not recent.seen("user:alice", "welcome-1", 0)
+    assert not recent.seen("user:bob", "welcome-1", 0)
+    assert recent.seen("user:alice", "welcome-1", 1)
 
 
 def test_retained_notifications_cost_the_cycle_collector_nothing() -> None:

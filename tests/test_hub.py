@@ -78,6 +78,10 @@ def test_expired_tokens_full_sockets_duplicates_and_stale_messages() -> None:
     assert hub.deliver(note("a", Channel("user", "u"))) == 1
     assert stale.frames == [] and full.frames == []
     assert hub.deliver(note("a", Channel("user", "u"))) == 0  # duplicate id
+    other = FakeSocket("v")
+    hub.add(other)
+    assert hub.deliver(note("a", Channel("user", "v"))) == 1  # same id, another user
+    assert other.frames == [b"a"]
     assert hub.deliver(note("old", Channel("user", "u"), expires_at=time.time() - 1)) == 0
     assert fresh.frames == [b"a"]
 
