@@ -292,34 +292,13 @@ class Delivery:
         """This delivery as a notification: see :func:`decode_notification`.
         ``digest``: its :meth:`digest`, if already computed."""
         return decode_notification(
-            self.routing_key,
-            self.body,
-            message_id=self.message_id,
-            timestamp=self.timestamp,
-            expiration=self.expiration,
-            headers=self.headers,
-            content_type=self.content_type,
-            message_type=self.message_type,
-            correlation_id=self.correlation_id,
-            ids=ids,
-            max_body_size=max_body_size,
-            now=now,
-            id_ms=id_ms,
-            digest=digest,
+            self, ids=ids, max_body_size=max_body_size, now=now, id_ms=id_ms, digest=digest
         )
 
 
 def decode_notification(
-    routing_key: str,
-    body: bytes,
+    delivery: Delivery,
     *,
-    message_id: str | None,
-    timestamp: float | None,
-    expiration: str | None,
-    headers: Mapping[str, Any] | None,
-    content_type: str | None = None,
-    message_type: str | None = None,
-    correlation_id: str | None = None,
     ids: IdGenerator,
     max_body_size: int,
     now: float,
@@ -328,16 +307,15 @@ def decode_notification(
 ) -> Notification:
     """Turn a message on the ``notifyd`` exchange into a :class:`Notification`.
 
-    Takes its routing key, body and properties (``timestamp`` in unix s, ``expiration``
-    as AMQP's milliseconds string; :meth:`Delivery.notification` passes a delivery's).
     One without a ``message_id`` is named by ``ids`` with a content id: the time part
     ``id_ms`` (unix ms; default: ``now``, when it was received), then its
-    :func:`content_digest` (``digest`` if already computed, else computed once the
+    :meth:`Delivery.digest` (``digest`` if already computed, else computed once the
     message is known to be valid). ``now`` (unix s) also stands in for a publish time
     it does not carry. Raises :class:`InvalidMessage`,
     whose ``reason`` is the dead-letter reason: ``bad_key``, ``too_big``, ``not_json``,
     ``bad_body`` or ``too_deep``.
     """
+    routing_key, body, message_id = delivery.routing_key, delivery.body, delivery.message_id
     channel = channel_for_routing_key(routing_key)
     if channel is None:
         raise InvalidMessage("bad_key", f"routing key {routing_key[:64]!r} is not routable")
@@ -354,26 +332,18 @@ def decode_notification(
         raise InvalidMessage("bad_body", "'event' must be a short name")
     if message_id is not None and (not message_id or len(message_id) > MAX_ID_LENGTH):
         raise InvalidMessage("bad_body", "message_id must be 1..128 characters")
-    headers = headers or _NO_HEADERS
-    published_at = published_time(timestamp, headers)
+    headers = delivery.headers or _NO_HEADERS
+    published_at = published_time(delivery.timestamp, headers)
     sent_at = published_at if published_at is not None else now
     ts = int(sent_at * 1000)
     if message_id is None:
         if digest is None:
-            digest = content_digest(
-                routing_key,
-                body,
-                content_type=content_type,
-                timestamp=timestamp,
-                expiration=expiration,
-                message_type=message_type,
-                correlation_id=correlation_id,
-                headers=headers,
-            )
+            digest = delivery.digest()
         notification_id = ids.content(digest, int(now * 1000) if id_ms is None else id_ms)
     else:
         notification_id = message_id
     expires_at = None
+    expiration = delivery.expiration
     if expiration:
         try:
             expires_at = sent_at + int(expiration) / 1000

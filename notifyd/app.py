@@ -38,7 +38,7 @@ from . import gcpolicy, redact
 from .admin import AdminApi
 from .amqp import ControlCommand, Disconnect, Revoke
 from .auth import TokenVerifier, mint_token
-from .broker import Broker
+from .broker import Broker, default_replica_id
 from .closes import CloseReason
 from .cluster import ClusterLink
 from .config import Settings
@@ -804,8 +804,6 @@ def run(settings: Settings) -> None:
     if workers == 1:
         run_worker(settings, None, reuse_port=False)
         return
-    from .broker import default_replica_id
-
     base = settings.amqp.replica_id or default_replica_id()
     context = multiprocessing.get_context("spawn")
     processes: list[Any] = []

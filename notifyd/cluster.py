@@ -57,7 +57,7 @@ from .amqp import (
     PUBLISHED_AT_HEADER,
     Delivery,
 )
-from .broker import FRAMES_PER_WRITE, publish_frames, send_frames
+from .broker import FRAMES_PER_WRITE, declare_queue, publish_frames, send_frames
 from .closes import CloseReason
 from .errors import BrokerUnavailable
 from .metrics import Metrics
@@ -71,6 +71,7 @@ from .presence import (
     merge_stats,
 )
 from .protocol import Channel, IdGenerator, JSONDecodeError, dumps, loads, notification
+from .revocations import stream_arguments
 from .websocket import text_frame
 
 log = logging.getLogger(__name__)
@@ -263,8 +264,6 @@ class ClusterLink:
         await self._beacon()
 
     async def _declare_deltas(self, connection: AbstractConnection) -> None:
-        from .broker import declare_queue
-
         arguments: dict[str, Any] = {
             "x-single-active-consumer": True,
             # Reports nobody consumed for a while are stale: the next aggregator
@@ -280,9 +279,6 @@ class ClusterLink:
             )
 
     async def _declare_log(self, connection: AbstractConnection, raw: RawChannel) -> None:
-        from .broker import declare_queue
-        from .revocations import stream_arguments
-
         refused = await declare_queue(
             connection, PRESENCE_LOG, stream_arguments(self.presence_log_max_age)
         )

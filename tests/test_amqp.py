@@ -60,12 +60,13 @@ NOW = 1_700_000_000.0
 
 
 def _decode(key: str, body: bytes, **kwargs: Any) -> Notification:
-    options: dict[str, Any] = {
-        "message_id": None, "timestamp": None, "expiration": None, "headers": None,
-        "ids": IdGenerator(), "max_body_size": 1000, "now": NOW,
-    }  # fmt: skip
-    options.update(kwargs)
-    return decode_notification(key, body, **options)
+    """Decode a delivery built from ``kwargs`` (its properties) with the decoding
+    options among them (``ids``, ``max_body_size``, ``now``, ``id_ms``)."""
+    options: dict[str, Any] = {"ids": IdGenerator(), "max_body_size": 1000, "now": NOW}
+    for name in ("ids", "max_body_size", "now", "id_ms"):
+        if name in kwargs:
+            options[name] = kwargs.pop(name)
+    return decode_notification(Delivery(key, body, **kwargs), **options)
 
 
 def _frame_json(frame: bytes) -> Any:
@@ -282,7 +283,7 @@ def test_other_content_has_another_digest(key: str, body: bytes, changes: dict[s
     assert _plain_delivery(key, body, **changes).digest() != _plain_delivery().digest()
 
 
-def test_decoding_without_a_delivery_names_by_the_same_digest() -> None:
+def test_a_content_id_carries_the_content_digest() -> None:
     notification = _decode("user.42", b'{"data": 1}', headers={"a": 1}, expiration="5")
     digest = content_digest(
         "user.42", b'{"data": 1}', headers={"a": 1, "x-death": []}, expiration="5"

@@ -27,7 +27,7 @@ import aiohttp
 import aiormq
 import pytest
 
-from notifyd.amqp import decode_notification
+from notifyd.amqp import Delivery, decode_notification
 from notifyd.auth import TokenVerifier, decode_identity
 from notifyd.config import AuthSettings
 from notifyd.devbroker import RabbitNode
@@ -227,12 +227,8 @@ def test_amqp_data_nested_too_deep_is_invalid() -> None:
     body = f'{{"data":{deep_json(1000)}}}'.encode()
     with pytest.raises(InvalidMessage) as refused:
         decode_notification(
-            "user.42",
-            body,
-            message_id=None,
-            timestamp=None,
-            expiration=None,
-            headers={"notifyd-published-ms": 10**30},  # out of range: ignored, not fatal
+            # A published time out of range: ignored, not fatal.
+            Delivery("user.42", body, headers={"notifyd-published-ms": 10**30}),
             ids=IdGenerator(),
             max_body_size=1 << 20,
             now=time.time(),
