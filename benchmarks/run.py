@@ -340,7 +340,7 @@ class Publisher:
 
     async def _open(self) -> None:
         if self.kind == "socketio":
-            import socketio  # type: ignore[import-untyped]
+            import socketio
 
             self.manager = socketio.AsyncAioPikaManager(
                 self.amqp_url, channel="notifyd-bench", write_only=True
