@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -65,6 +66,10 @@ async def _publish_reliably(url: str, routing_key: str, ids: list[str]) -> None:
             )
             del pending[: len(batch)]
         except (TimeoutError, aio_pika.exceptions.AMQPError, OSError, RuntimeError):
+            if connection is not None:
+                # Closed here, not left to its finalizer (an un-awaited close coroutine).
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(connection.close(), 5)
             connection = None
             await asyncio.sleep(0.3)
     if connection is not None:
