@@ -822,8 +822,8 @@ class Broker:
             if binds:
                 # A batch per write; between two, the event loop runs other work (a
                 # storm's thousands of binds would otherwise hold it for all of them).
+                queue = self.queue_name
                 for start in range(0, len(binds), FRAMES_PER_WRITE):
-                    queue = self.queue_name
                     frames = [
                         Queue.Bind(queue=queue, exchange=exchange, routing_key=key, nowait=True)
                         for exchange, key in binds[start : start + FRAMES_PER_WRITE]

@@ -8,9 +8,10 @@ from typing import Any
 
 from notifyd.connection import Connection
 from notifyd.protocol import Channel, Notification
-from notifyd.websocket import text_frame
+from notifyd.websocket import OP_TEXT, text_frame
 
 from .conftest import ServerFactory, new_user, raw_upgrade, token
+from .test_errors import client
 
 
 class CountingTransport:
@@ -67,13 +68,6 @@ async def test_a_burst_leaves_in_one_write_per_socket_in_order(
         writer.close()
 
 
-def _client_frame(payload: bytes) -> bytes:
-    """A masked text frame, as a client sends it (payload under 126 bytes)."""
-    key = b"\x01\x02\x03\x04"
-    masked = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
-    return bytes([0x81, 0x80 | len(payload)]) + key + masked
-
-
 async def test_the_answer_to_a_client_message_is_written_where_it_is_read(
     make_server: ServerFactory,
 ) -> None:
@@ -88,7 +82,7 @@ async def test_the_answer_to_a_client_message_is_written_where_it_is_read(
     connection: Connection = server.gateway.hub.sockets_of(user)[0]
     counter = CountingTransport(connection.transport)
     connection.transport = counter  # type: ignore[assignment]
-    connection.data_received(_client_frame(b'{"type":"ping","ref":7}'))
+    connection.data_received(client(OP_TEXT, b'{"type":"ping","ref":7}'))
     assert counter.writes == 1  # no turn of the event loop in between
     head = await asyncio.wait_for(reader.readexactly(2), 5)
     assert json.loads(await reader.readexactly(head[1])) == {"type": "pong", "ref": 7}
