@@ -32,11 +32,10 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import ChannelFrame, DeliveredMessage
-from pamqp.body import ContentBody
 from pamqp.commands import Basic, Queue
-from pamqp.header import ContentHeader
 from prometheus_client import Gauge
 
+from . import frames
 from .amqp import (
     CONTROL_ROUTING_KEY,
     DEAD_LETTER_EXCHANGE,
@@ -74,10 +73,14 @@ ALWAYS_BOUND = (BROADCAST.routing_key, CONTROL_ROUTING_KEY)
 
 #: Seconds between batched acks (well inside what ``prefetch`` lets RabbitMQ send).
 ACK_INTERVAL = 0.01
-_BIND_BATCH = 5000
-#: Queue.Unbind has no no-wait flag, so each costs a round-trip: take few at a time
-#: so that binds (which a connecting socket waits for) are never stuck behind them.
-_UNBIND_BATCH = 100
+#: Binds per batch: a batch's bookkeeping (hundreds of keys recorded, their sockets
+#: queued to be woken) runs between two awaits, in one pass of the event loop.
+_BIND_BATCH = 1000
+#: Unbinds per batch. ``queue.unbind`` has no ``nowait``: a batch's are sent together
+#: and their replies awaited, and the binds that came meanwhile (which a connecting
+#: socket waits for) go out after them: RabbitMQ takes about a millisecond for each
+#: binding change, so a batch must stay well under a second of its work.
+_UNBIND_BATCH = 250
 #: Waiters for a binding woken per event-loop pass (see :meth:`BindingTable.applied`).
 WAKE_BATCH = 16
 #: Seconds one publish may wait for RabbitMQ's confirm.
@@ -158,46 +161,70 @@ async def scratch_channel(
 
 
 #: Messages or methods written to RabbitMQ in one go by :func:`send_frames`' callers:
-#: 16 cost one write instead of 16, and encoding them (pamqp: 15-60 µs each on a
-#: slow machine) keeps a pass of the event loop near 1 ms.
-FRAMES_PER_WRITE = 16
+#: 64 cost one write instead of 64, and encoding them (:mod:`notifyd.frames`: a few
+#: µs each) keeps a pass of the event loop well under 1 ms.
+FRAMES_PER_WRITE = 64
 
 
-async def send_frames(raw: RawChannel, frames: list[Any]) -> None:
-    """Write AMQP frames that get no reply (``nowait`` binds, publishes on a channel
-    without confirms) on ``raw`` as one payload, and wait until it was written.
+async def send_frames(raw: RawChannel, payload: bytes) -> None:
+    """Write encoded AMQP frames that get no reply (``nowait`` binds, publishes) on
+    ``raw`` as one payload, and wait until it was written.
 
     aiormq sends every method as its own write (and runs each ``rpc`` as a task):
     in a connect storm, a bind per new user and a presence transition per user
     come to thousands of ``write()`` calls a second. One payload for a batch keeps
     the frames in order with everything else on the connection (its write queue
-    is first in, first out) and costs one.
+    is first in, first out) and costs one. Not on a confirm channel: publishes
+    written this way take no delivery tags, which aiormq counts there.
     """
     if raw.is_closed:
         raise aiormq.exceptions.ChannelInvalidStateError("channel is closed")
-    channel: Any = raw  # write_queue and number are not on aiormq's abstract channel
+    channel: Any = raw  # write_queue and publisher_confirms are not on the abstract channel
+    if channel.publisher_confirms:
+        raise ValueError("send_frames bypasses the delivery tags of a confirm channel")
     written = asyncio.get_running_loop().create_future()
-    await channel.write_queue.put(
-        ChannelFrame.marshall(channel_number=channel.number, frames=frames, drain_future=written)
-    )
+    await channel.write_queue.put(ChannelFrame(payload, False, written))
     await written
 
 
-def publish_frames(
-    raw: RawChannel, exchange: str, routing_key: str, body: bytes, properties: Basic.Properties
-) -> list[Any]:
-    """The frames of one publish (method, header, body in ``frame_max`` pieces), for
-    :func:`send_frames` on a channel without publisher confirms (a batch written
-    this way takes no delivery tags, which a confirm channel would count)."""
-    if getattr(raw, "publisher_confirms", False):
-        raise ValueError("publish_frames bypasses the delivery tags of a confirm channel")
-    frames: list[Any] = [
-        Basic.Publish(exchange=exchange, routing_key=routing_key),
-        ContentHeader(properties=properties, body_size=len(body)),
-    ]
-    size: int = getattr(raw, "max_content_size", 4088)  # AMQP's minimum frame_max, less 8
-    frames.extend(ContentBody(body[i : i + size]) for i in range(0, len(body), size))
-    return frames
+def channel_number(raw: RawChannel) -> int:
+    """The number of ``raw``, for the frames :mod:`notifyd.frames` encodes."""
+    channel: Any = raw  # number is not on aiormq's abstract channel
+    return int(channel.number)
+
+
+def max_content_size(raw: RawChannel) -> int:
+    """The largest body frame ``raw``'s connection takes (its ``frame_max`` less 8)."""
+    channel: Any = raw  # max_content_size is not on aiormq's abstract channel
+    return int(channel.max_content_size)
+
+
+async def call_frames(raw: RawChannel, requests: list[bytes], reply: type[Any]) -> None:
+    """Send synchronous methods (``queue.unbind``: it has no ``nowait``), encoded,
+    many per write, then wait for as many replies of type ``reply``, in order.
+
+    aiormq's ``rpc`` waits for each reply before it sends the next method: a
+    round trip each, which for the thousands of unbinds after a disconnect wave
+    meant seconds of serial waiting and a write, a task and a lock turn each.
+    The channel's lock is held throughout, as ``rpc`` holds it for one method, so
+    no other call's reply is taken for one of these. The wait runs as a task of
+    the channel: if the channel closes meanwhile (RabbitMQ refused one of them,
+    the connection was lost), aiormq ends it with the close's error, as it ends
+    its own calls.
+    """
+    channel: Any = raw  # lock, rpc_frames and create_task are not on the abstract channel
+
+    async def call() -> None:
+        async with channel.lock:
+            for start in range(0, len(requests), FRAMES_PER_WRITE):
+                await send_frames(raw, b"".join(requests[start : start + FRAMES_PER_WRITE]))
+            for _ in requests:
+                answer = await channel.rpc_frames.get()
+                channel.rpc_frames.task_done()
+                if not isinstance(answer, reply):
+                    raise aiormq.exceptions.InvalidFrameError(answer)
+
+    await channel.create_task(call())
 
 
 def default_replica_id() -> str:
@@ -394,8 +421,10 @@ def _wake(waiter: asyncio.Future[None]) -> None:
 class BindingTable:
     """The routing keys the hub wants, reconciled with the broker in batches.
 
-    Only keys that changed are looked at to find the next batch: scanning every
-    wanted key per batch made a storm of new users cost O(users²).
+    Only keys that changed are looked at to find the next batch, and keys to bind
+    apart from keys to unbind: scanning every wanted key per batch made a storm of
+    new users cost O(users²), and scanning the thousands of keys a disconnect wave
+    leaves to unbind (250 a batch) for each small batch of binds cost as much.
 
     ``always``: keys wanted from the start and never released; ``changed``: the event
     set when there is work (tables reconciled by one worker share one); ``gauge``:
@@ -414,8 +443,10 @@ class BindingTable:
         #: Keys of :attr:`bound` handed out to be unbound, not yet confirmed: no longer
         #: bound for a socket waiting to be routable, nor settled if wanted again.
         self.unbinding: set[str] = set()
-        #: Keys whose wanted and bound states may differ.
-        self._dirty: set[str] = set(always)
+        #: Keys that may need binding, and keys that may need unbinding, in the order
+        #: they came (dicts as ordered sets).
+        self._to_bind: dict[str, None] = dict.fromkeys(always)
+        self._to_unbind: dict[str, None] = {}
         self.changed = changed if changed is not None else asyncio.Event()
         self._gauge = gauge
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
@@ -426,15 +457,17 @@ class BindingTable:
     def want(self, routing_key: str) -> None:
         """Have ``routing_key`` bound (in the next batch, unless it is already)."""
         self.desired.add(routing_key)
+        self._to_unbind.pop(routing_key, None)
         if routing_key not in self.bound or routing_key in self.unbinding:
-            self._dirty.add(routing_key)
+            self._to_bind[routing_key] = None
             self.changed.set()
 
     def release(self, routing_key: str) -> None:
         """Have ``routing_key`` unbound (in a coming batch, if it is bound)."""
         self.desired.discard(routing_key)
+        self._to_bind.pop(routing_key, None)
         if routing_key in self.bound:
-            self._dirty.add(routing_key)
+            self._to_unbind[routing_key] = None
             self.changed.set()
 
     def is_bound(self, routing_key: str) -> bool:
@@ -460,41 +493,51 @@ class BindingTable:
         return True
 
     def pending(self) -> tuple[list[str], list[str]]:
-        """The next batch: keys to bind, keys to unbind.
+        """The next batch: keys to bind, keys to unbind (each handed out once).
 
-        A key wanted again while its unbind is under way stays dirty: it is bound
-        anew in the batch after that unbind is confirmed.
+        A key wanted again while its unbind is under way stays to be bound: it is
+        bound anew in a batch after that unbind is confirmed.
         """
-        to_bind: list[str] = []
-        to_unbind: list[str] = []
-        settled = []
         desired, bound, unbinding = self.desired, self.bound, self.unbinding
-        for key in self._dirty:
-            if key in unbinding:
-                continue
-            if key in desired:
-                if key in bound:
-                    settled.append(key)
-                elif len(to_bind) < _BIND_BATCH:
-                    to_bind.append(key)
-            elif key in bound:
-                if len(to_unbind) < _UNBIND_BATCH:
-                    to_unbind.append(key)
-            else:
-                settled.append(key)
-            if len(to_bind) >= _BIND_BATCH and len(to_unbind) >= _UNBIND_BATCH:
+        to_bind: list[str] = []
+        done: list[str] = []
+        for key in self._to_bind:
+            if len(to_bind) >= _BIND_BATCH:
                 break
-        self._dirty.difference_update(settled)
+            if key in unbinding:
+                continue  # wanted again during its unbind: after it
+            if key in desired and key not in bound:
+                to_bind.append(key)
+            done.append(key)
+        to_unbind: list[str] = []
+        gone: list[str] = []
+        for key in self._to_unbind:
+            if len(to_unbind) >= _UNBIND_BATCH:
+                break
+            if key in bound and key not in desired and key not in unbinding:
+                to_unbind.append(key)
+            gone.append(key)
+        for key in done:
+            del self._to_bind[key]
+        for key in gone:
+            del self._to_unbind[key]
         unbinding.update(to_unbind)
         return to_bind, to_unbind
 
     def applied(self, bound: list[str], unbound: list[str]) -> None:
-        """Record a batch the broker has done; wakes those waiting for ``bound`` keys."""
+        """Record a batch the broker has done; wakes those waiting for ``bound`` keys.
+
+        A key released while its bind was under way is to be unbound now.
+        """
         self.bound.update(bound)
         self.bound.difference_update(unbound)
         self.unbinding.difference_update(unbound)
+        desired = self.desired
         for key in bound:
             self._waking.extend(self._waiters.pop(key, ()))
+            if key not in desired:
+                self._to_unbind[key] = None
+                self.changed.set()
         if self._gauge is not None:
             self._gauge.set(len(self.bound))
 
@@ -506,8 +549,8 @@ class BindingTable:
         """
         self.unbinding.clear()
         self.bound.difference_update(self.desired)
-        self._dirty.update(self.desired)
-        self._dirty.update(self.bound)
+        self._to_bind = dict.fromkeys(self.desired)
+        self._to_unbind = dict.fromkeys(self.bound)
         self.changed.set()
 
 
@@ -807,28 +850,30 @@ class Broker:
         Both tables in each batch, every bind before any unbind: a key moving from
         ``notifyd.route`` to the history-only binding on ``notifyd`` (released from
         one and wanted by the other at once) is bound anew before it is unbound.
-        The binds are confirmed before the unbinds start: an unbind is a round trip
-        of its own (``queue.unbind`` has no ``nowait``), and the new sockets of a
-        reconnect wave must not wait for their welcome behind the unbinds of the
-        sockets that left.
+        The binds are confirmed before the unbinds start: ``queue.unbind`` has no
+        ``nowait``, so a batch of them waits for its replies (:func:`call_frames`),
+        and the new sockets of a reconnect wave must not wait for their welcome
+        behind the unbinds of the sockets that left.
         """
         while True:
             to_bind, to_unbind = self.bindings.pending()
             history_bind, history_unbind = self.history_bindings.pending()
             if not (to_bind or to_unbind or history_bind or history_unbind):
                 return
+            queue, number = self.queue_name, channel_number(raw)
             binds = [(ROUTE_EXCHANGE, key) for key in to_bind]
             binds.extend((EXCHANGE, key) for key in history_bind)
             if binds:
                 # A batch per write; between two, the event loop runs other work (a
                 # storm's thousands of binds would otherwise hold it for all of them).
-                queue = self.queue_name
                 for start in range(0, len(binds), FRAMES_PER_WRITE):
-                    frames = [
-                        Queue.Bind(queue=queue, exchange=exchange, routing_key=key, nowait=True)
-                        for exchange, key in binds[start : start + FRAMES_PER_WRITE]
-                    ]
-                    await send_frames(raw, frames)
+                    await send_frames(
+                        raw,
+                        b"".join(
+                            frames.bind(number, queue, exchange, key)
+                            for exchange, key in binds[start : start + FRAMES_PER_WRITE]
+                        ),
+                    )
                 # The channel processes methods in order: when this answers, every
                 # bind sent before it is in effect.
                 await raw.exchange_declare(
@@ -836,10 +881,14 @@ class Broker:
                 )
                 self.bindings.applied(to_bind, [])
                 self.history_bindings.applied(history_bind, [])
-            for key in to_unbind:
-                await raw.queue_unbind(self.queue_name, ROUTE_EXCHANGE, routing_key=key)
-            for key in history_unbind:
-                await raw.queue_unbind(self.queue_name, EXCHANGE, routing_key=key)
+            unbinds = [(ROUTE_EXCHANGE, key) for key in to_unbind]
+            unbinds.extend((EXCHANGE, key) for key in history_unbind)
+            if unbinds:
+                await call_frames(
+                    raw,
+                    [frames.unbind(number, queue, exchange, key) for exchange, key in unbinds],
+                    Queue.UnbindOk,
+                )
             self.bindings.applied([], to_unbind)
             self.history_bindings.applied([], history_unbind)
 

@@ -47,6 +47,7 @@ from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 from pamqp.commands import Basic
 
+from . import frames
 from .amqp import (
     CLUSTER_EXCHANGE,
     CONTROL_ROUTING_KEY,
@@ -57,7 +58,13 @@ from .amqp import (
     PUBLISHED_AT_HEADER,
     Delivery,
 )
-from .broker import FRAMES_PER_WRITE, declare_queue, publish_frames, send_frames
+from .broker import (
+    FRAMES_PER_WRITE,
+    channel_number,
+    declare_queue,
+    max_content_size,
+    send_frames,
+)
 from .closes import CloseReason
 from .errors import BrokerUnavailable
 from .metrics import Metrics
@@ -164,6 +171,8 @@ class ClusterLink:
     ) -> None:
         self.replica_id = replica_id
         self.metrics = metrics if metrics is not None else Metrics()
+        transitions = self.metrics.presence_transitions
+        self._transition_counters = (transitions.labels("online"), transitions.labels("offline"))
         #: This process; a restarted replica with the same id is another instance.
         self.instance = f"{replica_id}.{secrets.token_hex(4)}"
         self.queue_name = f"{CLUSTER_EXCHANGE}.{self.instance}"
@@ -581,6 +590,10 @@ class ClusterLink:
                 await self._fold(body)
             except Exception:
                 log.exception("cluster: a presence report could not be handled")
+            # A report that changes nothing at once (users leaving: their offline
+            # transitions come after the grace) does not wait for anything: without
+            # this, a disconnect wave's reports would all be folded in one pass.
+            await asyncio.sleep(0)
 
     async def _take_over(self) -> None:
         """This replica now gets the reports: rebuild the state from every replica."""
@@ -673,33 +686,36 @@ class ClusterLink:
         storm brings one per new user); False if they could not all be published
         (the rest are lost: presence is current state, not a log to replay)."""
         batch = list(transitions)
+        online, offline = self._transition_counters
         for start in range(0, len(batch), FRAMES_PER_WRITE):
             chunk = batch[start : start + FRAMES_PER_WRITE]
             try:
                 rpc = self._channel(confirm=False)
-                frames = []
-                for transition in chunk:
-                    frames.extend(
-                        publish_frames(
-                            rpc,
-                            PRESENCE_EXCHANGE,
-                            Channel("user", transition.user).routing_key,
-                            dumps(transition.body()),
-                            self._properties(message_id=self.ids.new()),
-                        )
+                number, size = channel_number(rpc), max_content_size(rpc)
+                now_ms = int(time.time() * 1000)
+                payload = b"".join(
+                    frames.publish(
+                        number,
+                        PRESENCE_EXCHANGE,
+                        Channel("user", transition.user).routing_key,
+                        dumps(transition.body()),
+                        message_id=self.ids.new(now_ms),
+                        published_ms=now_ms,
+                        max_content_size=size,
                     )
+                    for transition in chunk
+                )
                 async with asyncio.timeout(PUBLISH_TIMEOUT):
-                    await send_frames(rpc, frames)
+                    await send_frames(rpc, payload)
             except (BrokerUnavailable, *_PUBLISH_ERRORS) as exc:
                 lost = batch[start:]
                 users = ", ".join(t.user for t in lost[:5])
                 more = f" and {len(lost) - 5} more" if len(lost) > 5 else ""
                 log.warning("cluster: presence transitions of %s%s lost: %s", users, more, exc)
                 return False
-            for transition in chunk:
-                self.metrics.presence_transitions.labels(
-                    "online" if transition.online else "offline"
-                ).inc()
+            came = sum(1 for transition in chunk if transition.online)
+            online.inc(came)
+            offline.inc(len(chunk) - came)
         return True
 
     # --- presence:<id> subscriptions --------------------------------------------------

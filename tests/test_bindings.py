@@ -1,7 +1,8 @@
 """Batched writes to RabbitMQ and the pacing of what a batch of bindings wakes.
 
 :class:`notifyd.broker.BindingTable` without a broker; :func:`notifyd.broker.send_frames`
-and :func:`notifyd.broker.publish_frames` against a real RabbitMQ node.
+and :func:`notifyd.broker.call_frames`, with frames from :mod:`notifyd.frames`, against
+a real RabbitMQ node.
 """
 
 from __future__ import annotations
@@ -13,14 +14,19 @@ import aio_pika
 import aiormq
 import pytest
 from aiormq.abc import DeliveredMessage
-from pamqp.commands import Basic, Queue
+from pamqp import frame
+from pamqp.commands import Queue
 
+from notifyd import frames
+from notifyd.amqp import PUBLISHED_AT_HEADER
 from notifyd.broker import (
     _UNBIND_BATCH,
     WAKE_BATCH,
     BindingTable,
     Broker,
-    publish_frames,
+    call_frames,
+    channel_number,
+    max_content_size,
     send_frames,
 )
 
@@ -77,6 +83,48 @@ def test_a_key_wanted_again_while_its_unbind_is_under_way_is_bound_anew() -> Non
     assert table.pending() == ([], [])
 
 
+def test_a_key_released_while_its_bind_is_under_way_is_unbound_after() -> None:
+    """A user gone before RabbitMQ confirmed their bind: once it is confirmed, the key
+    is unbound (not left bound for a user who is not here)."""
+    table = BindingTable(always=())
+    table.want("user.a")
+    to_bind, to_unbind = table.pending()
+    assert (to_bind, to_unbind) == (["user.a"], [])
+    table.release("user.a")  # gone during the bind
+    assert table.pending() == ([], [])
+    table.applied(to_bind, [])
+    assert not table.is_bound("user.a")
+    assert table.pending() == ([], ["user.a"])
+
+
+def test_a_disconnect_wave_is_unbound_in_batches_with_new_binds_first() -> None:
+    """Thousands of keys to unbind and a few new ones to bind: every batch carries the
+    binds that came, each key is handed out once, and all are unbound in the end."""
+    table = BindingTable(always=())
+    left = [f"user.left-{i}" for i in range(5 * _UNBIND_BATCH + 7)]
+    for key in left:
+        table.want(key)
+    while batch := table.pending()[0]:
+        table.applied(batch, [])
+    for key in left:
+        table.release(key)
+    handed: list[str] = []
+    arrived: list[str] = []
+    while True:
+        to_bind, to_unbind = table.pending()
+        if not (to_bind or to_unbind):
+            break
+        assert len(to_unbind) <= _UNBIND_BATCH
+        assert to_bind == arrived[-1:]  # the one that came since the last batch
+        handed.extend(to_unbind)
+        table.applied(to_bind, to_unbind)
+        if to_unbind:
+            arrived.append(f"user.new-{len(arrived)}")
+            table.want(arrived[-1])
+    assert sorted(handed) == sorted(left)
+    assert table.bound == set(arrived)
+
+
 async def test_new_users_are_bound_before_the_unbinds_of_those_who_left(amqp_url: str) -> None:
     """A reconnect wave on a real RabbitMQ: the keys of users who left are unbound
     (a round trip each) while new users arrive. A new user's bind is confirmed, and
@@ -122,22 +170,37 @@ async def test_a_batch_of_publishes_arrives_whole_and_in_order(amqp_url: str) ->
         frame_max = raw.connection.connection_tune.frame_max
         bodies = [f"message {i}".encode() for i in range(40)]
         bodies[17] = b"x" * (3 * frame_max + 5)
-        frames = []
-        for index, body in enumerate(bodies):
-            properties = Basic.Properties(message_id=str(index), content_type="text/plain")
-            frames.extend(publish_frames(raw, "", queue, body, properties))
-        await send_frames(raw, frames)
-        received: list[tuple[str | None, bytes]] = []
+        number, size = channel_number(raw), max_content_size(raw)
+        payload = b"".join(
+            frames.publish(
+                number, "", queue, body, message_id=str(i), published_ms=i, max_content_size=size
+            )
+            for i, body in enumerate(bodies)
+        )
+        await send_frames(raw, payload)
+        received: list[tuple[object, ...]] = []
         done = asyncio.get_running_loop().create_future()
 
         def on_message(message: DeliveredMessage) -> None:
-            received.append((message.header.properties.message_id, message.body))
+            properties = message.header.properties
+            received.append(
+                (
+                    properties.message_id,
+                    properties.content_type,
+                    properties.delivery_mode,
+                    properties.headers,
+                    message.body,
+                )
+            )
             if len(received) == len(bodies) and not done.done():
                 done.set_result(None)
 
         await raw.basic_consume(queue, on_message, no_ack=True)  # type: ignore[arg-type]
         await asyncio.wait_for(done, 10)
-        assert received == [(str(i), body) for i, body in enumerate(bodies)]
+        assert received == [
+            (str(i), "application/json", 1, {PUBLISHED_AT_HEADER: i}, body)
+            for i, body in enumerate(bodies)
+        ]
     finally:
         await connection.close()
 
@@ -154,10 +217,8 @@ async def test_batched_binds_are_in_effect_after_a_barrier(amqp_url: str) -> Non
         await raw.exchange_declare(exchange, exchange_type="direct", auto_delete=True)
         await raw.queue_declare(queue, exclusive=True)
         keys = [f"user.{i}" for i in range(50)]
-        await send_frames(
-            raw,
-            [Queue.Bind(queue=queue, exchange=exchange, routing_key=k, nowait=True) for k in keys],
-        )
+        number = channel_number(raw)
+        await send_frames(raw, b"".join(frames.bind(number, queue, exchange, k) for k in keys))
         await raw.exchange_declare(exchange, exchange_type="direct", passive=True)
         for key in keys:
             await raw.basic_publish(key.encode(), exchange=exchange, routing_key=key)
@@ -172,6 +233,68 @@ async def test_batched_binds_are_in_effect_after_a_barrier(amqp_url: str) -> Non
         await connection.close()
 
 
+async def test_unbinds_sent_together_are_each_answered_and_in_effect(amqp_url: str) -> None:
+    """Many ``queue.unbind`` in a few writes, their replies awaited in order, while
+    another call on the same channel waits its turn: each gets its own reply, the
+    unbound keys no longer route, the others still do, and the channel is usable."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        raw = await channel.get_underlay_channel()
+        queue = f"test.unbinds.{uuid.uuid4().hex}"
+        exchange = f"test.unbinds.{uuid.uuid4().hex}"
+        await raw.exchange_declare(exchange, exchange_type="direct", auto_delete=True)
+        await raw.queue_declare(queue, exclusive=True)
+        keys = [f"user.{i}" for i in range(120)]
+        for key in keys:
+            await raw.queue_bind(queue, exchange, routing_key=key)
+        gone, kept = keys[:100], keys[100:]
+        number = channel_number(raw)
+        unbinds = call_frames(
+            raw, [frames.unbind(number, queue, exchange, k) for k in gone], Queue.UnbindOk
+        )
+        declare = raw.queue_declare(queue, passive=True)  # its reply is not an unbind's
+        _, declared = await asyncio.wait_for(asyncio.gather(unbinds, declare), 10)
+        assert isinstance(declared, aiormq.spec.Queue.DeclareOk)
+        for key in keys:
+            await raw.basic_publish(key.encode(), exchange=exchange, routing_key=key)
+        got: list[bytes] = []
+        for _ in range(200):
+            message = await raw.basic_get(queue, no_ack=True)
+            if message.body:
+                got.append(message.body)
+            elif len(got) >= len(kept):
+                break
+            else:
+                await asyncio.sleep(0.02)
+        assert sorted(got) == sorted(k.encode() for k in kept)
+    finally:
+        await connection.close()
+
+
+async def test_a_failing_call_raises_instead_of_waiting_forever(amqp_url: str) -> None:
+    """A call RabbitMQ refuses (a bind to an exchange that does not exist) closes the
+    channel: the caller gets the error at once, and the connection stays usable."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        raw = await (await connection.channel(publisher_confirms=False)).get_underlay_channel()
+        queue = str((await raw.queue_declare("", exclusive=True)).queue)
+        missing = f"test.none.{uuid.uuid4().hex}"
+        number = channel_number(raw)
+        requests = [
+            frames.unbind(number, queue, "amq.direct", "k"),
+            frame.marshal(Queue.Bind(queue=queue, exchange=missing, routing_key="k"), number),
+            frames.unbind(number, queue, "amq.direct", "k"),
+        ]
+        with pytest.raises(aiormq.exceptions.AMQPError):
+            await asyncio.wait_for(call_frames(raw, requests, Queue.UnbindOk), 10)
+        assert raw.is_closed
+        other = await (await connection.channel()).get_underlay_channel()
+        await other.queue_declare("", exclusive=True)
+    finally:
+        await connection.close()
+
+
 async def test_a_confirm_channel_or_a_closed_one_is_refused(amqp_url: str) -> None:
     """A confirm channel counts delivery tags per publish, which a batch would skip;
     a closed channel's frames would be a protocol error on the shared connection."""
@@ -179,12 +302,12 @@ async def test_a_confirm_channel_or_a_closed_one_is_refused(amqp_url: str) -> No
     try:
         confirming = await (await connection.channel()).get_underlay_channel()
         with pytest.raises(ValueError, match="confirm"):
-            publish_frames(confirming, "", "q", b"x", Basic.Properties())
+            await send_frames(confirming, frames.bind(channel_number(confirming), "q", "x", "k"))
         channel = await connection.channel(publisher_confirms=False)
         raw = await channel.get_underlay_channel()
         await channel.close()
         with pytest.raises(aiormq.exceptions.ChannelInvalidStateError):
-            await send_frames(raw, [Queue.Bind(queue="q", exchange="x", nowait=True)])
+            await send_frames(raw, frames.bind(channel_number(raw), "q", "x", "k"))
         # The connection is still fine.
         other = await (await connection.channel()).get_underlay_channel()
         await other.queue_declare("", exclusive=True)
