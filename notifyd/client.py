@@ -362,8 +362,8 @@ class Client:
             or the heartbeat gives up, and the client reconnects and resumes from the
             last notification it queued. ``"drop_oldest"``: the oldest queued
             notification is discarded (counted in :attr:`dropped`, logged).
-        dedupe_size: How many recent notification ids are remembered to drop
-            duplicates (a resume may repeat what arrived live).
+        dedupe_size: How many recent notifications (channel and id) are remembered
+            to drop duplicates (a resume may repeat what arrived live).
         on_state: Called with a :class:`StateEvent` at each change of :attr:`state`.
         on_error: Called with a :class:`ClientError` for an ``error`` that answers no
             request, and for a ``token_factory`` failure (code ``token_unavailable``).
@@ -924,7 +924,8 @@ class Client:
         except (KeyError, TypeError, ValueError):
             log.warning("malformed notification ignored")
             return
-        if self._recent.seen(notification.id):
+        # Ids are the publisher's, unique per channel (notifyd dedupes the same way).
+        if self._recent.seen(f"{notification.channel} {notification.id}"):
             self.duplicates += 1
             return
         await self._inbox.put(notification)

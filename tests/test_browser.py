@@ -90,6 +90,10 @@ async def test_demo_shows_notifications_from_rabbitmq_and_http(
     await page.get_by_test_id("publish").click()  # through POST /demo/publish
     await expect(page.get_by_test_id("received")).to_have_text("2")
     await expect(feed.locator("li[data-id='amqp-1']")).to_have_count(1)
+    # Ids are per channel: the same id on another channel is another notification.
+    await publish(amqp_url, "broadcast", {"event": "maintenance", "data": {}}, "amqp-1")
+    await expect(page.get_by_test_id("received")).to_have_text("3")
+    await expect(feed.locator("li[data-id='amqp-1']")).to_have_count(2)
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "demo.png"), full_page=True)
     assert (ARTIFACTS / "demo.png").stat().st_size > 10_000

@@ -184,11 +184,13 @@ def test_recent_ids_forget_the_least_recently_seen() -> None:
     assert recent.seen("b") is False
 
 
-def frame(notification_id: str, data: Any = None, ts: int = 1) -> dict[str, Any]:
+def frame(
+    notification_id: str, data: Any = None, ts: int = 1, channel: str = "user:u"
+) -> dict[str, Any]:
     return {
         "type": "notification",
         "id": notification_id,
-        "channel": "user:u",
+        "channel": channel,
         "data": data,
         "ts": ts,
     }
@@ -202,12 +204,14 @@ async def test_duplicates_are_dropped_and_the_resume_point_follows_what_was_deli
         frame("a", 1, 10),
         frame("c", 3, 30),
         frame("b", 2, 20),
+        frame("c", 4, 40, channel="topic:news"),  # ids are per channel: not a repeat
     ):
         await client._dispatch(message, (None, None))
-    assert (client.queued, client.duplicates) == (3, 2)
-    assert (client.last_id, client.last_ts) == ("c", 30)
+    assert (client.queued, client.duplicates) == (4, 2)
+    assert (client.last_id, client.last_ts) == ("c", 40)
     await client.close()
-    assert [n.id for n in await take(client, 3)] == ["a", "b", "c"]  # queued ones are still read
+    taken = [(n.channel, n.id) for n in await take(client, 4)]  # queued ones are still read
+    assert taken == [("user:u", "a"), ("user:u", "b"), ("user:u", "c"), ("topic:news", "c")]
     assert [n async for n in client] == []  # then iteration ends
 
 

@@ -490,9 +490,10 @@ export class NotifydClient {
     if (this.role === "leader") this.relay({ kind: "welcome", message });
   }
 
-  /** A notification from the connection or relayed by the leader tab: once per id, in order. */
+  /** A notification from the connection or relayed by the leader tab: once per channel
+   * and id (ids are the publisher's, unique per channel, as notifyd dedupes), in order. */
   notification(message) {
-    if (this.recent.seen(message.id)) return;
+    if (this.recent.seen(`${message.channel} ${message.id}`)) return;
     this.lastId = message.id;
     this.lastTs = message.ts;
     this.emit("notification", message);
