@@ -872,7 +872,7 @@ class SocketServer:
     async def close(self) -> None:
         """Drop whatever is still connected, cancel what connections still await, and
         wait for those tasks to end; nothing is spawned after this."""
-        self._tasks.closed = True
+        self._tasks.stop_spawning()
         self.draining = True
         for connection in list(self.connections):
             if connection.transport is not None:

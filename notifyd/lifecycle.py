@@ -138,6 +138,12 @@ class OwnedTasks:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def close(self) -> None:
+    def stop_spawning(self) -> None:
+        """Start nothing more from now on: before aborting the connections whose
+        callbacks would spawn (their close handling), so that :meth:`close` finds
+        every task there will be."""
         self.closed = True
+
+    async def close(self) -> None:
+        self.stop_spawning()
         await cancel_all(list(self._tasks), self._what)

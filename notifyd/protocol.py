@@ -533,9 +533,14 @@ def welcome(
     return dumps(payload)
 
 
-def error(code: str, message: str, ref: Any = None) -> bytes:
-    """An ``error`` message (JSON bytes), with the client's ``ref`` when it gave one."""
-    return dumps(_with_ref({"type": "error", "code": code, "message": message}, ref))
+def error(code: str, message: str, ref: Any = None, channel: str | None = None) -> bytes:
+    """An ``error`` message (JSON bytes), with the client's ``ref`` when it gave one,
+    and the ``channel`` it is about where no ``ref`` can say (an SSE stream's
+    ``subscribe`` query)."""
+    body: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if channel is not None:
+        body["channel"] = channel
+    return dumps(_with_ref(body, ref))
 
 
 def answer(kind: str, ref: Any = None, **fields: Any) -> bytes:

@@ -620,27 +620,31 @@ class SseServer:
             try:
                 channel = parse_channel(item, presence=True)
             except ProtocolError as exc:
-                extra.append(error(exc.code, exc.message))
+                extra.append(error(exc.code, exc.message, channel=item))
                 continue
             name = channel.name
             if channel.kind == "presence":
                 if name not in identity.presence:
-                    extra.append(error("forbidden", f"token does not allow {channel}"))
+                    extra.append(
+                        error("forbidden", f"token does not allow {channel}", channel=item)
+                    )
                 elif channel not in watches:
                     watches.append(channel)
                 continue
             if channel.kind != "topic":
                 text = "only topic:<name> and presence:<id> can be subscribed"
-                extra.append(error("invalid_channel", text))
+                extra.append(error("invalid_channel", text, channel=item))
             elif not identity.topics.allows(name):
-                extra.append(error("forbidden", f"token does not allow {channel}"))
+                extra.append(error("forbidden", f"token does not allow {channel}", channel=item))
             elif name in own or name in topics:
                 extra.append(answer("subscribed", channel=str(channel)))
             elif len(own) + len(topics) >= config.max_topics:
                 text = f"a socket may subscribe to {config.max_topics} topics"
-                extra.append(error("too_many_topics", text))
+                extra.append(error("too_many_topics", text, channel=item))
             elif name not in user_topics and len(user_topics) >= per_user:
-                extra.append(error("too_many_topics", f"a user may read {per_user} topics"))
+                extra.append(
+                    error("too_many_topics", f"a user may read {per_user} topics", channel=item)
+                )
             else:
                 topics.append(name)
                 user_topics.add(name)
@@ -791,7 +795,7 @@ class SseServer:
 
     async def close(self) -> None:
         """Drop the streams still open, cancel and await their tasks."""
-        self._tasks.closed = True
+        self._tasks.stop_spawning()
         for stream in list(self.streams):
             stream.transport.abort()
         await self._tasks.close()

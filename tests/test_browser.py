@@ -403,9 +403,10 @@ async def test_demo_over_sse_receives_publishes_and_subscribes_without_a_jwt_in_
     badge = page.locator("[data-testid=presence] li[data-user='nobody-here'] .badge")
     await expect(badge).to_have_text("offline")
     refused = await page.evaluate(
-        "window.notifydClient.subscribe('topic:not-allowed').then(() => 'ok', (e) => e.code)"
+        "window.notifydClient.subscribe('topic:not-allowed')"
+        ".then(() => 'ok', (e) => `${e.code} ${e.channel}`)"
     )
-    assert refused == "forbidden"
+    assert refused == "forbidden topic:not-allowed"
 
     await publish(amqp_url, f"user.{user}", {"event": "over.sse", "data": {"n": 1}}, "sse-1")
     await expect(page.locator("li[data-id='sse-1']")).to_contain_text("over.sse")

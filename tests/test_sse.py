@@ -384,6 +384,7 @@ async def test_subscribe_query_allowed_and_refused(server: Server, amqp: AmqpPub
         "type": "error",
         "code": "forbidden",
         "message": "token does not allow topic:secret",
+        "channel": "topic:secret",  # no ref to match on a stream: the channel says which
     }
     await amqp.send("topic.secret", {"data": "no"})
     await amqp.send(f"topic.games.{topic}", {"data": "yes"})
@@ -403,6 +404,7 @@ async def test_presence_subscribe_query(make_server: ServerFactory) -> None:
     refusal = await stream.next()
     assert refusal is not None and refusal["event"] == "error"
     assert refusal["data"]["code"] == "forbidden"
+    assert refusal["data"]["channel"] == f"presence:{carol}"
     subscribed = await stream.until("subscribed")
     assert subscribed["data"] == {"type": "subscribed", "channel": f"presence:{bob}"}
     ws, _ = await server.connect(bob)

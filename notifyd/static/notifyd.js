@@ -668,7 +668,7 @@ export class NotifydClient {
     }
     this.relayedTopics.add(channel);
     // The new stream answers its subscribe query after its welcome: `subscribed`, or an
-    // `error` (which does not name the channel: its message does).
+    // `error` naming the channel.
     const answered = new Promise((resolve, reject) => {
       const timer = setTimeout(() => settle(null, failure("no answer", "timeout")), this.requestTimeout);
       const settle = (answer, error, keep = false) => {
@@ -696,8 +696,13 @@ export class NotifydClient {
       return Boolean(settle);
     }
     const text = String(message.message ?? "");
+    if (message.channel !== undefined) {
+      const settle = this.channelWaiters.get(message.channel);
+      settle?.(null, Object.assign(new Error(text), message));
+      return Boolean(settle);
+    }
     for (const [channel, settle] of this.channelWaiters) {
-      if (text.includes(channel)) {
+      if (text.includes(channel)) { // a server older than the error's `channel` field
         settle(null, Object.assign(new Error(text), message, { channel }));
         return true;
       }
