@@ -8,11 +8,14 @@ a real RabbitMQ node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import aio_pika
 import aiormq
 import pytest
+from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
 from pamqp import frame
 from pamqp.commands import Queue
@@ -205,17 +208,26 @@ async def test_a_batch_of_publishes_arrives_whole_and_in_order(amqp_url: str) ->
         await connection.close()
 
 
-async def test_batched_binds_are_in_effect_after_a_barrier(amqp_url: str) -> None:
-    """``nowait`` binds written together, then one synchronous call: every bind is in
-    effect once it answers (the channel processes methods in order)."""
+@contextlib.asynccontextmanager
+async def exchange_and_queue(amqp_url: str) -> AsyncIterator[tuple[RawChannel, str, str]]:
+    """A channel without confirms, a direct exchange and an exclusive queue of the test's
+    own (its connection closed after)."""
     connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel(publisher_confirms=False)
         raw = await channel.get_underlay_channel()
-        queue = f"test.binds.{uuid.uuid4().hex}"
-        exchange = f"test.binds.{uuid.uuid4().hex}"
+        exchange, queue = f"test.x.{uuid.uuid4().hex}", f"test.q.{uuid.uuid4().hex}"
         await raw.exchange_declare(exchange, exchange_type="direct", auto_delete=True)
         await raw.queue_declare(queue, exclusive=True)
+        yield raw, exchange, queue
+    finally:
+        await connection.close()
+
+
+async def test_batched_binds_are_in_effect_after_a_barrier(amqp_url: str) -> None:
+    """``nowait`` binds written together, then one synchronous call: every bind is in
+    effect once it answers (the channel processes methods in order)."""
+    async with exchange_and_queue(amqp_url) as (raw, exchange, queue):
         keys = [f"user.{i}" for i in range(50)]
         number = channel_number(raw)
         await send_frames(raw, b"".join(frames.bind(number, queue, exchange, k) for k in keys))
@@ -229,22 +241,13 @@ async def test_batched_binds_are_in_effect_after_a_barrier(amqp_url: str) -> Non
             await asyncio.sleep(0.02)
             declared = await raw.queue_declare(queue, passive=True)
         assert declared.message_count == len(keys)
-    finally:
-        await connection.close()
 
 
 async def test_unbinds_sent_together_are_each_answered_and_in_effect(amqp_url: str) -> None:
     """Many ``queue.unbind`` in a few writes, their replies awaited in order, while
     another call on the same channel waits its turn: each gets its own reply, the
     unbound keys no longer route, the others still do, and the channel is usable."""
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel(publisher_confirms=False)
-        raw = await channel.get_underlay_channel()
-        queue = f"test.unbinds.{uuid.uuid4().hex}"
-        exchange = f"test.unbinds.{uuid.uuid4().hex}"
-        await raw.exchange_declare(exchange, exchange_type="direct", auto_delete=True)
-        await raw.queue_declare(queue, exclusive=True)
+    async with exchange_and_queue(amqp_url) as (raw, exchange, queue):
         keys = [f"user.{i}" for i in range(120)]
         for key in keys:
             await raw.queue_bind(queue, exchange, routing_key=key)
@@ -268,8 +271,6 @@ async def test_unbinds_sent_together_are_each_answered_and_in_effect(amqp_url: s
             else:
                 await asyncio.sleep(0.02)
         assert sorted(got) == sorted(k.encode() for k in kept)
-    finally:
-        await connection.close()
 
 
 async def test_a_failing_call_raises_instead_of_waiting_forever(amqp_url: str) -> None:
