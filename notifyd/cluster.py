@@ -831,12 +831,9 @@ class ClusterLink:
         *,
         confirm: bool = False,
         correlation_id: str | None = None,
-        message_id: str | None = None,
     ) -> None:
         channel = self._channel(confirm)
-        properties = self._properties(
-            correlation_id=correlation_id, message_id=message_id, persistent=confirm
-        )
+        properties = self._properties(correlation_id=correlation_id, persistent=confirm)
         try:
             # A timeout scope, not wait_for: no task per message.
             async with asyncio.timeout(PUBLISH_TIMEOUT):
@@ -856,15 +853,11 @@ class ClusterLink:
 
     @staticmethod
     def _properties(
-        *,
-        correlation_id: str | None = None,
-        message_id: str | None = None,
-        persistent: bool = False,
+        *, correlation_id: str | None = None, persistent: bool = False
     ) -> aiormq.spec.Basic.Properties:
         return aiormq.spec.Basic.Properties(
             content_type="application/json",
             correlation_id=correlation_id,
-            message_id=message_id,
             delivery_mode=2 if persistent else 1,
             headers={PUBLISHED_AT_HEADER: int(time.time() * 1000)},
         )
