@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import itertools
 import json
 import logging
 import os
@@ -187,6 +188,16 @@ async def send_frames(raw: RawChannel, payload: bytes) -> None:
     await written
 
 
+async def send_batched(raw: RawChannel, encoded: Iterable[bytes]) -> None:
+    """Write encoded frames :data:`FRAMES_PER_WRITE` to a write (:func:`send_frames`);
+    between two writes the event loop runs other work (a storm's thousands of binds
+    would otherwise hold it for all of them). A lazy ``encoded`` is encoded a batch
+    at a time."""
+    pending = iter(encoded)
+    while batch := list(itertools.islice(pending, FRAMES_PER_WRITE)):
+        await send_frames(raw, b"".join(batch))
+
+
 def channel_number(raw: RawChannel) -> int:
     """The number of ``raw``, for the frames :mod:`notifyd.frames` encodes."""
     channel: Any = raw  # number is not on aiormq's abstract channel
@@ -216,8 +227,7 @@ async def call_frames(raw: RawChannel, requests: list[bytes], reply: type[Any]) 
 
     async def call() -> None:
         async with channel.lock:
-            for start in range(0, len(requests), FRAMES_PER_WRITE):
-                await send_frames(raw, b"".join(requests[start : start + FRAMES_PER_WRITE]))
+            await send_batched(raw, requests)
             for _ in requests:
                 answer = await channel.rpc_frames.get()
                 channel.rpc_frames.task_done()
@@ -864,16 +874,9 @@ class Broker:
             binds = [(ROUTE_EXCHANGE, key) for key in to_bind]
             binds.extend((EXCHANGE, key) for key in history_bind)
             if binds:
-                # A batch per write; between two, the event loop runs other work (a
-                # storm's thousands of binds would otherwise hold it for all of them).
-                for start in range(0, len(binds), FRAMES_PER_WRITE):
-                    await send_frames(
-                        raw,
-                        b"".join(
-                            frames.bind(number, queue, exchange, key)
-                            for exchange, key in binds[start : start + FRAMES_PER_WRITE]
-                        ),
-                    )
+                await send_batched(
+                    raw, (frames.bind(number, queue, exchange, key) for exchange, key in binds)
+                )
                 # The channel processes methods in order: when this answers, every
                 # bind sent before it is in effect.
                 await raw.exchange_declare(
