@@ -370,6 +370,9 @@ async def test_last_event_id_query_and_header_wins(server: Server, amqp: AmqpPub
 async def test_subscribe_query_allowed_and_refused(server: Server, amqp: AmqpPublisher) -> None:
     user = new_user()
     topic = f"room{user}"
+    registry = server.metrics.registry
+    refusals = {"code": "forbidden"}
+    before = registry.get_sample_value("notifyd_client_errors_total", refusals) or 0
     stream, _ = await open_stream(
         server,
         token(user, topics=["games.*"]),
@@ -386,6 +389,7 @@ async def test_subscribe_query_allowed_and_refused(server: Server, amqp: AmqpPub
         "message": "token does not allow topic:secret",
         "channel": "topic:secret",  # no ref to match on a stream: the channel says which
     }
+    assert registry.get_sample_value("notifyd_client_errors_total", refusals) == before + 1
     await amqp.send("topic.secret", {"data": "no"})
     await amqp.send(f"topic.games.{topic}", {"data": "yes"})
     event = await stream.until("notification")
