@@ -121,12 +121,13 @@ def instrument() -> None:
     for name in ("data_received", "eof_received", "connection_lost", "_wake", "flush"):
         method = getattr(connection.Connection, name)
         setattr(connection.Connection, name, timed(f"Connection.{name}", method))
-    for name in ("_next_pass", "_take_over"):
-        method = getattr(connection.SocketServer, name)
-        setattr(connection.SocketServer, name, timed(f"SocketServer.{name}", method))
-    # The reaper and the wake-ups after a binding batch.
+    take_over = connection.SocketServer._take_over
+    connection.SocketServer._take_over = timed("SocketServer._take_over", take_over)  # type: ignore[method-assign]
+    # The reaper and the wake-ups after a binding batch; the turns of the upgrades and
+    # of new connections' first bytes.
     batch = lifecycle.PerPass._next_batch
     lifecycle.PerPass._next_batch = timed("PerPass._next_batch", batch)  # type: ignore[method-assign]
+    lifecycle.Turns._next_pass = timed("Turns._next_pass", lifecycle.Turns._next_pass)  # type: ignore[method-assign]
     connection.Outbox.flush = timed("Outbox.flush", connection.Outbox.flush)  # type: ignore[method-assign]
     handler = web_protocol.RequestHandler
     for name in ("connection_made", "data_received", "connection_lost"):

@@ -689,12 +689,17 @@ async def _start_runner(
     runner: web.AppRunner,
     host: str,
     port: int,
+    sockets: SocketServer | None = None,
     **site_options: Any,
 ) -> None:
     """Set ``runner`` up and listen on ``host:port``; its cleanup (listener closed,
-    handlers awaited, the app's cleanup context) goes onto ``stack``."""
+    handlers awaited, the app's cleanup context) goes onto ``stack``. With
+    ``sockets``, new connections' requests are paced by it from the first one."""
     stack.push_async_callback(runner.cleanup)
     await runner.setup()
+    if sockets is not None:
+        assert runner.server is not None
+        sockets.pace_requests(runner.server)
     await _listen(web.TCPSite(runner, host, port, **site_options), host, port)
 
 
@@ -749,7 +754,13 @@ async def serve(
         # A reconnect storm opens thousands of sockets at once: with aiohttp's default
         # backlog of 128 the kernel drops SYNs and clients stall for a 1 s retransmit.
         await _start_runner(
-            stack, runner, server.host, server.port, backlog=LISTEN_BACKLOG, **site_options
+            stack,
+            runner,
+            server.host,
+            server.port,
+            gateway.sockets,
+            backlog=LISTEN_BACKLOG,
+            **site_options,
         )
         # Connections aiohttp still holds: requests in progress, keep-alive, and clients
         # that have not finished their request yet (cut off after handshake_timeout).

@@ -26,7 +26,6 @@ import asyncio
 import logging
 import math
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, ClassVar, Final, Protocol
 
@@ -37,7 +36,7 @@ from .closes import CloseReason
 from .config import Settings
 from .errors import AuthError, BrokerUnavailable, HandshakeError, ProtocolError
 from .hub import Hub
-from .lifecycle import Drain, OwnedTasks, PerPass
+from .lifecycle import Drain, OwnedTasks, PerPass, Turns
 from .logs import Throttle
 from .metrics import Metrics
 from .protocol import (
@@ -86,6 +85,11 @@ REAP_BATCH: Final = 20
 #: :meth:`SocketServer.admit`): at ~0.5 ms of CPU each on a slow machine, 4 keep a
 #: pass near 2 ms; 64 made every pass of a connect storm a 25-40 ms stall.
 ADMIT_BATCH: Final = 4
+#: New HTTP connections whose first bytes are parsed per event-loop pass (see
+#: :meth:`SocketServer.pace_requests`): ~30-80 µs each (aiohttp's parser, its
+#: request message and handler task), so 16 keep a pass near 1 ms; a wave's load
+#: balancer or client pool sends hundreds in one burst (one 18 ms pass for 232).
+PARSE_BATCH: Final = 16
 
 
 class Upstream_(Protocol):
@@ -177,6 +181,57 @@ class _TakenOver(web.StreamResponse):
 
 
 _TAKEN_OVER: Final = _TakenOver(status=101)
+
+
+class _FirstBytes(asyncio.Protocol):
+    """The protocol of a new HTTP connection until its first bytes have had their
+    turn to be parsed (:meth:`SocketServer.pace_requests`); then aiohttp's handler
+    is the transport's protocol again.
+
+    While it holds bytes, reading is paused. The handler stays registered with
+    aiohttp's server, so its handshake timeout and a shutdown still close the
+    connection; a loss or an EOF meanwhile goes to it.
+    """
+
+    __slots__ = ("data", "handler", "transport", "turns")
+
+    def __init__(self, handler: Any, transport: asyncio.Transport, turns: Turns) -> None:
+        self.handler = handler
+        self.transport = transport
+        self.turns = turns
+        self.data = b""
+
+    def data_received(self, data: bytes) -> None:
+        if self.turns.now():
+            self.transport.set_protocol(self.handler)
+            self.handler.data_received(data)
+        else:
+            self.data = data
+            self.transport.pause_reading()
+            self.turns.later(self.go)
+
+    def go(self) -> bool:
+        """The held bytes' turn: to aiohttp's handler; False if the connection was
+        closed meanwhile."""
+        transport, handler = self.transport, self.handler
+        if transport.is_closing():
+            return False
+        transport.set_protocol(handler)
+        transport.resume_reading()
+        handler.data_received(self.data)
+        return True
+
+    def eof_received(self) -> bool | None:
+        return self.handler.eof_received()  # type: ignore[no-any-return]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.handler.connection_lost(exc)
+
+    def pause_writing(self) -> None:  # pragma: no cover (nothing is written yet)
+        self.handler.pause_writing()
+
+    def resume_writing(self) -> None:  # pragma: no cover
+        self.handler.resume_writing()
 
 
 class TimedSession(Session):
@@ -637,10 +692,10 @@ class SocketServer:
         #: Done once a drain is to close the sockets it has not reached yet at once.
         self._drain = Drain()
         self._loop: asyncio.AbstractEventLoop | None = None
-        #: Upgrades let through in this pass of the event loop, and those waiting.
-        self._admitted = 0
-        self._admission: deque[asyncio.Future[None]] = deque()
-        self._gate_scheduled = False
+        #: Turns to be upgraded (and welcomed), a batch per event-loop pass.
+        self._admission = Turns(ADMIT_BATCH)
+        #: Turns for new HTTP connections' first bytes (:meth:`pace_requests`).
+        self._parsing = Turns(PARSE_BATCH)
         #: Ended sockets still to be cleaned up, a batch per event-loop pass.
         self._reaping: PerPass[Connection] = PerPass(REAP_BATCH, Connection.reap)
         #: Sockets upgraded and not yet authenticated, in total and by client address.
@@ -657,11 +712,7 @@ class SocketServer:
     # --- the upgrade ------------------------------------------------------------------
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        if self._admitted >= ADMIT_BATCH or self._admission:
-            await self.admit()
-        else:
-            self._admitted += 1
-            self._gate_soon()
+        await self.admit()
         ws = self.settings.ws
         origin = request.headers.get("Origin")
         if ws.allowed_origins and origin not in ws.allowed_origins:
@@ -773,6 +824,27 @@ class SocketServer:
 
     # --- pacing: connect and disconnect storms ------------------------------------------
 
+    def pace_requests(self, http_server: web.Server) -> None:
+        """Parse the first bytes of :data:`PARSE_BATCH` new connections per pass.
+
+        A reconnect wave's clients send their upgrade requests in bursts of
+        hundreds; aiohttp parses each where it arrives, every one in the same pass
+        of the event loop (its request message, then its handler task's first
+        step), which holds every open socket's traffic up for tens of
+        milliseconds before :meth:`admit` is reached. Each new connection of
+        ``http_server`` gets a :class:`_FirstBytes` protocol until its turn.
+        """
+        turns = self._parsing
+        registered = http_server.connection_made
+
+        def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            registered(handler, transport)
+            transport.set_protocol(_FirstBytes(handler, transport, turns))
+
+        # aiohttp's handler reports each new connection to its server object: the
+        # one place a connection is seen before its bytes are.
+        http_server.connection_made = connection_made  # type: ignore[method-assign]
+
     async def admit(self) -> None:
         """Wait for a turn to be upgraded.
 
@@ -784,28 +856,7 @@ class SocketServer:
         when RabbitMQ confirms a batch of bindings) take the same turns for their
         welcome.
         """
-        waiter: asyncio.Future[None] = self.loop.create_future()
-        self._admission.append(waiter)
-        self._gate_soon()
-        await waiter
-
-    def _gate_soon(self) -> None:
-        if not self._gate_scheduled:
-            self._gate_scheduled = True
-            self.loop.call_soon(self._next_pass)
-
-    def _next_pass(self) -> None:
-        """A new pass of the event loop: let the next batch of upgrades through."""
-        self._gate_scheduled = False
-        self._admitted = 0
-        admission = self._admission
-        while admission and self._admitted < ADMIT_BATCH:
-            waiter = admission.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                self._admitted += 1
-        if self._admitted:
-            self._gate_soon()
+        await self._admission.wait()
 
     def reap_later(self, connection: Connection) -> None:
         """Queue an ended socket's clean-up.
@@ -877,8 +928,8 @@ class SocketServer:
         for connection in list(self.connections):
             if connection.transport is not None:
                 connection.transport.abort()
-        for waiter in self._admission:
-            waiter.cancel()
+        self._admission.close()
+        self._parsing.close()
         await self._tasks.close()
 
 

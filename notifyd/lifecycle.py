@@ -118,6 +118,94 @@ class PerPass(Generic[T]):
             asyncio.get_running_loop().call_soon(self._next_batch)
 
 
+class _Waiter:
+    """A :meth:`Turns.wait` in the queue: its turn wakes the waiting coroutine."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future = future
+
+    def __call__(self) -> bool:
+        if self.future.done():  # cancelled while it waited: the turn goes to the next
+            return False
+        self.future.set_result(None)
+        return True
+
+
+class Turns:
+    """At most ``per_pass`` turns per pass of the event loop, given in the order
+    they were asked for.
+
+    Unlike :class:`PerPass`, a turn is taken at once while the pass has one left and
+    nobody is waiting: in steady traffic nothing is deferred. Past that, each asker
+    waits (:meth:`later`, :meth:`wait`) and a batch is let through in each of the
+    following passes.
+    """
+
+    __slots__ = ("_per_pass", "_scheduled", "_used", "_waiting")
+
+    def __init__(self, per_pass: int) -> None:
+        self._per_pass = per_pass
+        self._used = 0
+        self._waiting: deque[Callable[[], bool]] = deque()
+        self._scheduled = False
+
+    def __len__(self) -> int:
+        """Askers waiting for a turn."""
+        return len(self._waiting)
+
+    def now(self) -> bool:
+        """Take a turn in this pass, if one is left and nobody waits for one."""
+        if self._used >= self._per_pass or self._waiting:
+            return False
+        self._used += 1
+        self._next_pass_soon()
+        return True
+
+    def later(self, go: Callable[[], bool]) -> None:
+        """Call ``go`` at its turn; it returns False if it no longer needed one (the
+        turn then goes to the next in line)."""
+        self._waiting.append(go)
+        self._next_pass_soon()
+
+    async def wait(self) -> None:
+        """Return at this coroutine's turn (at once, if :meth:`now` gives one)."""
+        if self.now():
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.later(_Waiter(future))
+        await future
+
+    def close(self) -> None:
+        """Give no more turns: the coroutines in :meth:`wait` are cancelled, the
+        other askers dropped."""
+        waiting, self._waiting = self._waiting, deque()
+        for go in waiting:
+            if isinstance(go, _Waiter):
+                go.future.cancel()
+
+    def _next_pass_soon(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_pass)
+
+    def _next_pass(self) -> None:
+        self._scheduled = False
+        self._used = 0
+        waiting = self._waiting
+        try:
+            while waiting and self._used < self._per_pass:
+                if waiting.popleft()():
+                    self._used += 1
+        finally:
+            # An asker that raised (the loop logs it) does not leave the rest waiting
+            # for a pass nobody schedules; and the turns used here count until the
+            # next call_soon round, where the count starts again.
+            if self._used or waiting:
+                self._next_pass_soon()
+
+
 class OwnedTasks:
     """The tasks a component starts on its sessions' behalf: :meth:`close` cancels and
     awaits them, and from then on nothing more is started."""

@@ -186,6 +186,8 @@ async def make_server(amqp_url: str) -> AsyncIterator[ServerFactory]:
         app = create_app(settings)
         test_server = AsDeployedTestServer(app, host="127.0.0.1")
         await test_server.start_server(**runner_options(settings, app[GATEWAY].metrics))
+        assert test_server.runner is not None and test_server.runner.server is not None
+        app[GATEWAY].sockets.pace_requests(test_server.runner.server)
         started.append(test_server)
         server = Server(test_server, session)
         if wait_ready:

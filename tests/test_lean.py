@@ -21,7 +21,7 @@ import pytest
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from notifyd.connection import Connection
+from notifyd.connection import PARSE_BATCH, Connection, _FirstBytes
 from notifyd.protocol import Channel, Notification
 from notifyd.websocket import text_frame
 
@@ -42,7 +42,7 @@ SOCKET_MODULES = ("connection", "session", "websocket", "hub", "heartbeat", "aut
 
 def server_side(obj: object) -> str | None:
     """What a server-side socket's object is, or None for anything else."""
-    if isinstance(obj, Connection | RequestHandler | BaseRequest):
+    if isinstance(obj, Connection | RequestHandler | BaseRequest | _FirstBytes):
         return type(obj).__name__
     if isinstance(obj, asyncio.Transport) and getattr(obj, "_server", None) is not None:
         return "server transport"
@@ -114,6 +114,17 @@ async def never_authenticated(server: Server) -> None:
     client = await RawClient.open(server.port)
     assert await client.status() == 101
     client.drop()
+
+
+async def held_in_a_burst(server: Server) -> None:
+    # Eight of these at once send more upgrade requests in one pass than are parsed
+    # per pass: some wait their turn with reading paused (SocketServer.pace_requests).
+    clients = await asyncio.gather(
+        *(RawClient.open(server.port) for _ in range(PARSE_BATCH // 2 + 1))
+    )
+    assert [await client.status() for client in clients] == [101] * len(clients)
+    for client in clients:
+        client.drop()
 
 
 async def upgrade_refused(server: Server) -> None:
@@ -196,6 +207,7 @@ KINDS: list[Callable[[Server], Awaitable[None]]] = [
     normal_close,
     client_drop,
     never_authenticated,
+    held_in_a_burst,
     upgrade_refused,
     unauthorized,
     auth_timeout,
