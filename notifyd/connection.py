@@ -188,9 +188,10 @@ class _FirstBytes(asyncio.Protocol):
     turn to be parsed (:meth:`SocketServer.pace_requests`); then aiohttp's handler
     is the transport's protocol again.
 
-    While it holds bytes, reading is paused. The handler stays registered with
-    aiohttp's server, so its handshake timeout and a shutdown still close the
-    connection; a loss or an EOF meanwhile goes to it.
+    While it holds bytes (one read, at most :data:`MAX_REQUEST_HEAD`), reading is
+    paused. The handler stays registered with aiohttp's server, so its handshake
+    timeout and a shutdown still close the connection; a loss or an EOF meanwhile
+    goes to it.
     """
 
     __slots__ = ("data", "handler", "transport", "turns")
@@ -202,7 +203,9 @@ class _FirstBytes(asyncio.Protocol):
         self.data = b""
 
     def data_received(self, data: bytes) -> None:
-        if self.turns.now():
+        # More than a request head's limit is not an upgrade request (aiohttp refuses
+        # it at once): held, it would only hold memory.
+        if self.turns.now() or len(data) > MAX_REQUEST_HEAD:
             self.transport.set_protocol(self.handler)
             self.handler.data_received(data)
         else:

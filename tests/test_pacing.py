@@ -12,7 +12,7 @@ from typing import TypeVar
 import pytest
 from aiohttp.web_protocol import RequestHandler
 
-from notifyd.connection import PARSE_BATCH
+from notifyd.connection import MAX_REQUEST_HEAD, PARSE_BATCH
 from notifyd.lifecycle import Turns
 
 from .conftest import ServerFactory, new_user, token
@@ -138,21 +138,34 @@ async def test_waiters_resume_a_batch_per_pass_and_close_cancels_the_rest(
     assert max(Counter(resumed).values()) <= 2
 
 
-async def test_a_burst_of_upgrade_requests_is_parsed_a_batch_per_pass(
-    make_server: ServerFactory, ticking: Passes, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def upgrade_request(extra_headers: str = "") -> bytes:
+    return (
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Authorization: Bearer {token(new_user())}\r\n{extra_headers}\r\n"
+    ).encode()
+
+
+async def burst(
+    make_server: ServerFactory,
+    ticking: Passes,
+    monkeypatch: pytest.MonkeyPatch,
+    requests: list[bytes],
+) -> tuple[list[bytes], list[tuple[int, int]]]:
+    """Connect a client per request, then send every request in one pass of the event
+    loop; returns each client's status code and, for each read aiohttp parsed, its
+    size and the pass it was parsed in."""
     server = await make_server()
-    count = 3 * PARSE_BATCH + 5
-    parsed_in: list[int] = []
+    parsed: list[tuple[int, int]] = []
     parse = RequestHandler.data_received
 
     def data_received(handler: RequestHandler, data: bytes) -> None:
-        parsed_in.append(ticking.count)
+        parsed.append((len(data), ticking.count))
         parse(handler, data)
 
     monkeypatch.setattr(RequestHandler, "data_received", data_received)
     clients = []
-    for _ in range(count):
+    for _ in requests:
         sock = socket.create_connection(("127.0.0.1", server.port))
         clients.append(await asyncio.open_connection(sock=sock))
     # Accepted, and nothing sent yet.
@@ -160,26 +173,41 @@ async def test_a_burst_of_upgrade_requests_is_parsed_a_batch_per_pass(
     assert runner is not None and runner.server is not None
     http_server = runner.server
     deadline = asyncio.get_running_loop().time() + 5
-    while len(http_server.connections) < count:
+    while len(http_server.connections) < len(requests):
         assert asyncio.get_running_loop().time() < deadline, "not all accepted"
         await asyncio.sleep(0.01)
-    requests = [
-        (
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-            f"Authorization: Bearer {token(new_user())}\r\n\r\n"
-        ).encode()
-        for _ in range(count)
-    ]
     for (_, writer), request in zip(clients, requests, strict=True):
         writer.write(request)  # all in this one pass
-    statuses = await asyncio.gather(
+    heads = await asyncio.gather(
         *(asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10) for reader, _ in clients)
     )
-    assert [status.split(b" ", 2)[1] for status in statuses] == [b"101"] * count
-    assert len(parsed_in) == count
-    per_pass = Counter(parsed_in)
-    assert max(per_pass.values()) <= PARSE_BATCH, per_pass
-    assert len(per_pass) >= count // PARSE_BATCH
     for _, writer in clients:
         writer.close()
+    return [head.split(b" ", 2)[1] for head in heads], parsed
+
+
+async def test_a_burst_of_upgrade_requests_is_parsed_a_batch_per_pass(
+    make_server: ServerFactory, ticking: Passes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = 3 * PARSE_BATCH + 5
+    requests = [upgrade_request() for _ in range(count)]
+    statuses, parsed = await burst(make_server, ticking, monkeypatch, requests)
+    assert statuses == [b"101"] * count
+    assert len(parsed) == count
+    per_pass = Counter(at for _, at in parsed)
+    assert max(per_pass.values()) <= PARSE_BATCH, per_pass
+    assert len(per_pass) >= count // PARSE_BATCH
+
+
+async def test_a_first_read_larger_than_a_request_head_is_refused_without_waiting(
+    make_server: ServerFactory, ticking: Passes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Held, it would only keep its bytes in memory: aiohttp answers it at once.
+    oversized = upgrade_request(f"X-Padding: {'p' * (2 * MAX_REQUEST_HEAD)}\r\n")
+    requests = [upgrade_request() for _ in range(2 * PARSE_BATCH)] + [oversized]
+    statuses, parsed = await burst(make_server, ticking, monkeypatch, requests)
+    # aiohttp's limit on a header line answers before notifyd's on the whole head.
+    assert statuses == [b"101"] * (2 * PARSE_BATCH) + [b"400"]
+    first_pass = min(at for _, at in parsed)
+    assert (len(oversized), first_pass) in parsed
+    assert Counter(at for _, at in parsed)[first_pass] == PARSE_BATCH + 1
