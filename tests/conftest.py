@@ -302,17 +302,24 @@ async def raw_upgrade(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
     sock.connect(("127.0.0.1", port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    if auth_token is not None:
-        headers = f"Authorization: Bearer {auth_token}\r\n{headers}"
-    writer.write(
-        (
-            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
-            f"{headers}\r\n"
-        ).encode()
-    )
+    writer.write(upgrade_request(auth_token, headers, version))
     await writer.drain()
     return reader, writer
+
+
+def upgrade_request(auth_token: str | None = None, headers: str = "", version: int = 13) -> bytes:
+    """A WebSocket upgrade request for ``/ws``, written by hand.
+
+    ``headers``: more header lines, each ending in CRLF; ``auth_token`` None sends
+    no Authorization header.
+    """
+    if auth_token is not None:
+        headers = f"Authorization: Bearer {auth_token}\r\n{headers}"
+    return (
+        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n"
+        f"{headers}\r\n"
+    ).encode()
 
 
 async def collect_ids(ws: aiohttp.ClientWebSocketResponse, count: int, timeout: float) -> list[str]:

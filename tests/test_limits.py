@@ -8,11 +8,13 @@ import time
 
 import pytest
 
-from .conftest import ServerFactory, expect_close, new_user, receive_json, token
-
-UPGRADE = (
-    "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+from .conftest import (
+    ServerFactory,
+    expect_close,
+    new_user,
+    receive_json,
+    token,
+    upgrade_request,
 )
 
 
@@ -46,7 +48,7 @@ async def test_a_request_head_over_16_kib_gets_431(make_server: ServerFactory) -
     server = await make_server()
     reader, writer = await open_from(server.port)
     padding = "".join(f"X-Pad-{i}: {'p' * 4000}\r\n" for i in range(5))
-    writer.write(f"{UPGRADE}{padding}\r\n".encode())
+    writer.write(upgrade_request(headers=padding))
     assert await status_of(reader) == 431
     writer.close()
 
@@ -88,22 +90,22 @@ async def test_unauthenticated_sockets_are_capped_per_address_and_in_total(
     idle = []
     for _ in range(3):
         reader, writer = await open_from(port)
-        writer.write(f"{UPGRADE}\r\n".encode())
+        writer.write(upgrade_request())
         assert await status_of(reader) == 101
         idle.append(writer)
     reader, writer = await open_from(port)
-    writer.write(f"{UPGRADE}\r\n".encode())
+    writer.write(upgrade_request())
     assert await status_of(reader) == 503  # a fourth from the same address
     writer.close()
     # Another client is not locked out by the first one's idle sockets.
     reader, writer = await open_from(port, "127.0.0.2")
-    writer.write(f"{UPGRADE}Authorization: Bearer {token(new_user())}\r\n\r\n".encode())
+    writer.write(upgrade_request(token(new_user())))
     assert await status_of(reader) == 101
     assert b'"welcome"' in await reader.readuntil(b'"welcome"')
     assert sockets.pending == 3  # an authenticated socket is no longer pending
     for source in ("127.0.0.3", "127.0.0.4", "127.0.0.5"):
         extra_reader, extra = await open_from(port, source)
-        extra.write(f"{UPGRADE}\r\n".encode())
+        extra.write(upgrade_request())
         expected = 101 if sockets.pending < 5 else 503
         assert await status_of(extra_reader) == expected
         idle.append(extra)

@@ -15,7 +15,7 @@ from aiohttp.web_protocol import RequestHandler
 from notifyd.connection import MAX_REQUEST_HEAD, PARSE_BATCH
 from notifyd.lifecycle import Turns
 
-from .conftest import ServerFactory, new_user, token
+from .conftest import ServerFactory, new_user, token, upgrade_request
 
 T = TypeVar("T")
 
@@ -138,14 +138,6 @@ async def test_waiters_resume_a_batch_per_pass_and_close_cancels_the_rest(
     assert max(Counter(resumed).values()) <= 2
 
 
-def upgrade_request(extra_headers: str = "") -> bytes:
-    return (
-        "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-        f"Authorization: Bearer {token(new_user())}\r\n{extra_headers}\r\n"
-    ).encode()
-
-
 async def burst(
     make_server: ServerFactory,
     ticking: Passes,
@@ -190,7 +182,7 @@ async def test_a_burst_of_upgrade_requests_is_parsed_a_batch_per_pass(
     make_server: ServerFactory, ticking: Passes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     count = 3 * PARSE_BATCH + 5
-    requests = [upgrade_request() for _ in range(count)]
+    requests = [upgrade_request(token(new_user())) for _ in range(count)]
     statuses, parsed = await burst(make_server, ticking, monkeypatch, requests)
     assert statuses == [b"101"] * count
     assert len(parsed) == count
@@ -203,8 +195,9 @@ async def test_a_first_read_larger_than_a_request_head_is_refused_without_waitin
     make_server: ServerFactory, ticking: Passes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Held, it would only keep its bytes in memory: aiohttp answers it at once.
-    oversized = upgrade_request(f"X-Padding: {'p' * (2 * MAX_REQUEST_HEAD)}\r\n")
-    requests = [upgrade_request() for _ in range(2 * PARSE_BATCH)] + [oversized]
+    oversized = upgrade_request(token(new_user()), f"X-Padding: {'p' * (2 * MAX_REQUEST_HEAD)}\r\n")
+    requests = [upgrade_request(token(new_user())) for _ in range(2 * PARSE_BATCH)]
+    requests.append(oversized)
     statuses, parsed = await burst(make_server, ticking, monkeypatch, requests)
     # aiohttp's limit on a header line answers before notifyd's on the whole head.
     assert statuses == [b"101"] * (2 * PARSE_BATCH) + [b"400"]
