@@ -237,6 +237,12 @@ async def call_frames(raw: RawChannel, requests: list[bytes], reply: type[Any]) 
     await channel.create_task(call())
 
 
+def _on_exchanges(route_keys: list[str], history_keys: list[str]) -> list[tuple[str, str]]:
+    """(exchange, routing key) pairs for a batch of both binding tables: the routing
+    table's keys on ``notifyd.route``, the history table's on ``notifyd``."""
+    return [(ROUTE_EXCHANGE, key) for key in route_keys] + [(EXCHANGE, key) for key in history_keys]
+
+
 def default_replica_id() -> str:
     """``<hostname>-<pid>``: unique per process on a host, readable in RabbitMQ's UI."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -871,8 +877,7 @@ class Broker:
             if not (to_bind or to_unbind or history_bind or history_unbind):
                 return
             queue, number = self.queue_name, channel_number(raw)
-            binds = [(ROUTE_EXCHANGE, key) for key in to_bind]
-            binds.extend((EXCHANGE, key) for key in history_bind)
+            binds = _on_exchanges(to_bind, history_bind)
             if binds:
                 await send_batched(
                     raw, (frames.bind(number, queue, exchange, key) for exchange, key in binds)
@@ -884,8 +889,7 @@ class Broker:
                 )
                 self.bindings.applied(to_bind, [])
                 self.history_bindings.applied(history_bind, [])
-            unbinds = [(ROUTE_EXCHANGE, key) for key in to_unbind]
-            unbinds.extend((EXCHANGE, key) for key in history_unbind)
+            unbinds = _on_exchanges(to_unbind, history_unbind)
             if unbinds:
                 await call_frames(
                     raw,
