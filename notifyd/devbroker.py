@@ -52,6 +52,11 @@ _PORT_TAKEN = {"dist_port_already_used": "dist", "eaddrinuse": "amqp"}
 #: Seconds the command run by ``dev-broker`` gets to exit after SIGTERM
 #: (notifyd's default shutdown_timeout, plus a margin).
 _COMMAND_GRACE = 30.0
+#: After a SIGINT (Ctrl-C, which the terminal sends the command too), seconds the
+#: command gets to stop on its own before it is sent SIGTERM: notifyd takes a second
+#: signal as "hurry" and says so in a warning. Its default drain_seconds (5), plus the
+#: few seconds its sockets get to go.
+_OWN_STOP_GRACE = 10.0
 
 
 def _command(name: str) -> str:
@@ -477,11 +482,14 @@ def run(data_dir: str | None, port: int, command: Sequence[str] = ()) -> int:
     something listens on the port); its exit code is returned.
     """
     stopping = threading.Event()  # set by the signal handler (mypy cannot see a flag)
+    interrupted = threading.Event()  # the signal was SIGINT
     child: subprocess.Popen[bytes] | None = None
 
     def stop(signum: int, _: FrameType | None) -> None:
         # The loop below notices within 0.2 s and signals the command once (a second
         # SIGTERM could hit it while it exits, after its own handler is gone).
+        if signum == signal.SIGINT:
+            interrupted.set()
         stopping.set()
 
     # Installed first: a SIGTERM during the node's start-up must still stop it.
@@ -516,7 +524,7 @@ def run(data_dir: str | None, port: int, command: Sequence[str] = ()) -> int:
                 print("notifyd dev-broker: RabbitMQ exited:\n" + node.log_tail(), file=sys.stderr)
                 return 1
             time.sleep(0.2)
-        code = _end(child)
+        code = _end(child, _OWN_STOP_GRACE if interrupted.is_set() else 0.0)
         # Ctrl-C reaches the command too: if it was still exiting when our SIGTERM
         # came, it died of it. Asked to stop, that is a clean stop, not an error.
         return 0 if code in (-signal.SIGTERM, -signal.SIGINT) else code
@@ -528,10 +536,17 @@ def run(data_dir: str | None, port: int, command: Sequence[str] = ()) -> int:
         node.cleanup()
 
 
-def _end(child: subprocess.Popen[bytes] | None) -> int:
-    """Stop ``child`` (SIGTERM, then SIGKILL after a grace period); its exit code."""
+def _end(child: subprocess.Popen[bytes] | None, own_stop: float = 0.0) -> int:
+    """Stop ``child`` (SIGTERM, then SIGKILL after a grace period); its exit code.
+
+    ``own_stop``: seconds to wait first for it to exit on its own (it was signalled
+    too).
+    """
     if child is None:
         return 0
+    if own_stop and child.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=own_stop)
     if child.poll() is None:
         child.send_signal(signal.SIGTERM)
         try:

@@ -17,6 +17,8 @@ import pytest
 
 from notifyd.devbroker import free_port, processes_with_env
 
+from .conftest import upgrade_request
+
 ROOT = Path(__file__).parent.parent
 #: make's own variables from an enclosing `make test` would change how make runs.
 MAKE_VARIABLES = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")
@@ -111,3 +113,35 @@ def test_sigterm_to_make_alone_stops_notifyd_and_its_broker(tmp_path: Path) -> N
             assert time.monotonic() < deadline, "notifyd or RabbitMQ outlived make"
             time.sleep(0.2)
         assert time.monotonic() - started < 30
+
+
+def test_ctrl_c_stops_notifyd_once_and_its_broker(tmp_path: Path) -> None:
+    """Ctrl-C reaches every process of the terminal's group: notifyd stops on its own
+    SIGINT, and dev-broker does not send it a second signal (which notifyd takes as
+    "hurry", with a warning) while it drains."""
+    amqp_port, http_port = free_port(), free_port()
+    log = tmp_path / "make-run.log"
+    with make_run(log, amqp_port, http_port) as make, contextlib.ExitStack() as sockets:
+        deadline = time.monotonic() + 180
+        while not ready(http_port):
+            assert make.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        # Two open sockets: the drain closes them over its window (seconds, not 0.2).
+        for _ in range(2):
+            sock = sockets.enter_context(socket.create_connection(("127.0.0.1", http_port)))
+            sock.sendall(upgrade_request())
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101"), log.read_text()
+        os.killpg(make.pid, signal.SIGINT)  # as the terminal does
+        try:
+            make.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"make still running 30 s after Ctrl-C:\n{log.read_text()}")
+        deadline = time.monotonic() + 10
+        while listening(http_port) or listening(amqp_port) or node_processes(amqp_port):
+            assert time.monotonic() < deadline, "notifyd or RabbitMQ outlived make"
+            time.sleep(0.2)
+    output = log.read_text()
+    assert "SIGINT: shutting down" in output, output
+    assert "stopped in" in output, output
+    assert "again" not in output, output
