@@ -38,7 +38,7 @@ _users = itertools.count()
 
 
 @pytest.fixture(scope="session")
-def rabbit() -> Iterator[RabbitNode]:
+def rabbit(request: pytest.FixtureRequest) -> Iterator[RabbitNode]:
     """One private RabbitMQ node for the whole run (tests that restart it share it)."""
     from notifyd.devbroker import RabbitNode
 
@@ -48,7 +48,44 @@ def rabbit() -> Iterator[RabbitNode]:
     try:
         yield node
     finally:
+        if request.session.testsfailed:
+            # The node's directory goes with it: what it reported is kept in the
+            # run's output, where a failure in CI can still be read.
+            report_broker_crashes(node, request.config)
         node.cleanup()
+
+
+#: Lines of a RabbitMQ log that begin a crash report (a process that terminated).
+_CRASH_MARKERS = ("** Generic server", "crasher:", "Supervisor:", "Reason for termination")
+
+
+def report_broker_crashes(
+    node: RabbitNode, config: pytest.Config, reports: int = 8, lines_each: int = 40
+) -> None:
+    """Write the last ``reports`` crash reports in the node's log (channel and queue
+    processes that terminated), ``lines_each`` lines of each, to the terminal."""
+    lines = [
+        line
+        for path in sorted((node.base_dir / "log").glob("*.log"))
+        for line in path.read_text(errors="replace").splitlines()
+        if "[error]" in line
+    ]
+    starts: list[int] = []
+    for index, line in enumerate(lines):
+        if any(m in line for m in _CRASH_MARKERS) and (
+            not starts or index >= starts[-1] + lines_each
+        ):
+            starts.append(index)
+    terminal = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    if not starts or terminal is None:
+        return
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        shown = starts[-reports:]
+        terminal.write_sep("=", f"RabbitMQ crash reports: {len(shown)} of {len(starts)}")
+        for start in shown:
+            for line in lines[start : start + lines_each]:
+                terminal.write_line(line)
 
 
 @pytest.fixture
