@@ -82,6 +82,9 @@ _BIND_BATCH = 1000
 #: socket waits for) go out after them: RabbitMQ takes about a millisecond for each
 #: binding change, so a batch must stay well under a second of its work.
 _UNBIND_BATCH = 250
+#: Seconds :meth:`Broker.close` waits for every binding to be gone before it deletes
+#: the queue anyway (about a millisecond of RabbitMQ's time per binding).
+UNBIND_ALL_TIMEOUT = 10.0
 #: Waiters for a binding woken per event-loop pass (see :meth:`BindingTable.applied`).
 WAKE_BATCH = 16
 #: Seconds one publish may wait for RabbitMQ's confirm.
@@ -829,16 +832,20 @@ class Broker:
         return self._closing
 
     async def close(self) -> None:
-        """Stop consuming, delete this replica's queue and close.
+        """Unbind, stop consuming, delete this replica's queue and close.
 
         Called once every socket is gone, so nothing in the queue is for anyone here;
-        deleted rather than left to expire: RabbitMQ 3.10 crashes publishers' channels
-        when a quorum queue expires while still bound.
+        deleted rather than left to expire. Unbound first: RabbitMQ 3.10 closes the
+        connection (541 INTERNAL_ERROR) of every publisher with confirms whose message
+        is routed to a quorum queue as it expires or is deleted, so a replica going
+        away while still bound would cut off the backends publishing to its users
+        (or to ``broadcast``) at that moment.
         """
         self._closing = True
         self._lost.set()
         connection = self.connection
         if connection is not None:
+            await self._unbind_everything(UNBIND_ALL_TIMEOUT)
             # Our own cancel first: deleting the queue under the consumer would have
             # RabbitMQ cancel it, which reads as a failure in the log.
             if self._consume_channel is not None and self._consumer_tag is not None:
@@ -850,6 +857,20 @@ class Broker:
                 async with scratch_channel(connection) as channel:
                     await asyncio.wait_for(channel.queue_delete(self.queue_name), 5)
         await self._disconnect()
+
+    async def _unbind_everything(self, timeout: float) -> None:
+        """Release every key of both tables and wait until the binding worker has
+        unbound them all (at most ``timeout`` seconds, and only while connected)."""
+        for table in (self.bindings, self.history_bindings):
+            for key in list(table.desired):
+                table.release(key)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                # The worker reports no completion of its own; a shutdown can poll.
+                while self.connected.is_set() and (
+                    self.bindings.bound or self.history_bindings.bound
+                ):
+                    await asyncio.sleep(0.02)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run ``coro`` as a task of this broker's (awaited on disconnect)."""

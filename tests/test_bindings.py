@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import uuid
 from collections.abc import AsyncIterator
 
 import aio_pika
 import aiormq
+import pika
 import pytest
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import DeliveredMessage
@@ -21,7 +23,7 @@ from pamqp import frame
 from pamqp.commands import Queue
 
 from notifyd import frames
-from notifyd.amqp import PUBLISHED_AT_HEADER
+from notifyd.amqp import EXCHANGE, PUBLISHED_AT_HEADER
 from notifyd.broker import (
     _UNBIND_BATCH,
     WAKE_BATCH,
@@ -159,6 +161,55 @@ async def test_new_users_are_bound_before_the_unbinds_of_those_who_left(amqp_url
     finally:
         await broker.close()
         await runner
+
+
+def publish_until(url: str, routing_keys: list[str], stop: threading.Event) -> tuple[int, str]:
+    """Publish with confirms (pika's blocking client, as a backend would) to each of
+    ``routing_keys`` in turn until ``stop``: how many were confirmed, and the error
+    that ended it early ('' if none)."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    channel = connection.channel()
+    channel.confirm_delivery()
+    published = 0
+    try:
+        while not stop.is_set():
+            for key in routing_keys:
+                channel.basic_publish(EXCHANGE, key, b'{"data": 1}')
+                published += 1
+    except pika.exceptions.AMQPError as exc:
+        return published, repr(exc)
+    connection.close()
+    return published, ""
+
+
+async def test_a_replica_going_away_does_not_cut_off_the_publishers_of_its_users(
+    amqp_url: str,
+) -> None:
+    """A backend publishing with confirms to a replica's user and to ``broadcast``
+    while the replica shuts down keeps its connection. RabbitMQ 3.10 closes it (541
+    INTERNAL_ERROR) when a message is routed to a quorum queue as it is deleted; the
+    replica unbinds every key before it deletes its queue."""
+    broker = Broker(settings_for(amqp_url).amqp, lambda _: None, lambda _: None)
+    runner = asyncio.create_task(broker.run())
+    stop = threading.Event()
+    user_key = f"user.leaving-{uuid.uuid4().hex[:8]}"
+    try:
+        await asyncio.wait_for(broker.connected.wait(), 10)
+        broker.bindings.want(user_key)
+        assert await broker.bindings.wait_bound(user_key, 10)
+        publishing = asyncio.ensure_future(
+            asyncio.to_thread(publish_until, amqp_url, [user_key, "broadcast"], stop)
+        )
+        await asyncio.sleep(0.3)
+    finally:
+        await broker.close()
+        await runner
+    await asyncio.sleep(0.3)
+    stop.set()
+    published, error = await asyncio.wait_for(publishing, 10)
+    assert error == ""
+    assert published > 10
+    assert not broker.bindings.bound and not broker.history_bindings.bound
 
 
 async def test_a_batch_of_publishes_arrives_whole_and_in_order(amqp_url: str) -> None:
