@@ -156,11 +156,13 @@ def server_command(
     amqp_url: str,
     settings: Mapping[str, str] | None = None,
     stallwatch: str | None = None,
+    code: Path = ROOT,
 ) -> tuple[list[str], dict[str, str]]:
     """The command line and environment of a server; ``settings``: notifyd's only.
 
-    With ``stallwatch`` (a file), notifyd runs under benchmarks/stallwatch.py."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    With ``stallwatch`` (a file), notifyd runs under benchmarks/stallwatch.py; ``code``:
+    the checkout it runs from."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
     if kind.startswith("notifyd"):
         env.update(
             {
@@ -204,16 +206,17 @@ def running(
     nice: int = 0,
     stallwatch: str | None = None,
     cpu: int | None = None,
+    code: Path = ROOT,
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     port = free_port()
-    command, env = server_command(kind, port, amqp_url, settings, stallwatch)
+    command, env = server_command(kind, port, amqp_url, settings, stallwatch, code)
     # A file, not a pipe: a pipe nobody reads would block a chatty server.
     with tempfile.TemporaryFile() as log:
         if cpu is not None:
             command = ["taskset", "-c", str(cpu), *command]  # execs, as nice does
         if nice:
             command = ["nice", "-n", str(nice), *command]  # nice execs: the pid is the server's
-        process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=log, stderr=log)
+        process = subprocess.Popen(command, env=env, cwd=code, stdout=log, stderr=log)
         try:
             _wait_until_serving(kind, process, port, log)
             yield process, port
@@ -483,7 +486,11 @@ class Bench:
     def serving(self, settings: Mapping[str, str] | None = None) -> Iterator[None]:
         """A fresh server process, and a load generator for it."""
         nice, watch, cpu = self.config["nice"], self.config["stallwatch"], self.config["pin"]
-        with running(self.kind, self.amqp_url, settings, nice, watch, cpu) as (process, port):
+        code = self.config["code"]
+        with running(self.kind, self.amqp_url, settings, nice, watch, cpu, code) as (
+            process,
+            port,
+        ):
             self.pid, self.port = process.pid, port
             self.load = LoadGenerator(
                 port, workers=2, socketio=self.kind == "socketio", sse=self.kind == "notifyd-sse"
@@ -1002,6 +1009,26 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def code_version(root: Path) -> str:
+    """The commit the servers ran from (with ``+changes`` if its tree was not clean)."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}+changes" if dirty else commit
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1043,9 +1070,21 @@ def main() -> int:
         metavar="FILE",
         help="run notifyd under benchmarks/stallwatch.py, its loop stalls appended to FILE",
     )
+    parser.add_argument(
+        "--code",
+        metavar="DIR",
+        help="run the servers from this checkout (e.g. an older commit's, made with git "
+        "worktree): its code measured by this harness, for a before/after in one hour",
+    )
     args = parser.parse_args()
     # --nice: niceness of the server and the churn's pinger (negative needs root).
-    config = {**(QUICK if args.quick else FULL), "nice": args.nice, "stallwatch": None, "pin": None}
+    config = {
+        **(QUICK if args.quick else FULL),
+        "nice": args.nice,
+        "stallwatch": None,
+        "pin": None,
+        "code": Path(args.code).resolve() if args.code else ROOT,
+    }
     if args.pin:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
@@ -1073,6 +1112,7 @@ def main() -> int:
         "machine": f"{os.cpu_count()} cores, Python {sys.version.split()[0]}",
         "nice": args.nice,
         "server_cpu": config["pin"],
+        "code": code_version(config["code"]),
     }
     if "notifyd" in results:
         write_outputs(results, meta, readme=scenarios == set(SCENARIOS) and args.repeat == 1)
