@@ -629,6 +629,9 @@ class Broker:
         self._ack_timer: asyncio.TimerHandle | None = None
         self._consume_channel: RawChannel | None = None
         self._consumer_tag: str | None = None
+        #: The task applying binding changes on the consuming channel (None before the
+        #: first connect).
+        self._binding_task: asyncio.Task[None] | None = None
         #: Every task this broker started: cancelled and awaited on disconnect.
         self._tasks: set[asyncio.Task[None]] = set()
         #: One log line per problem a minute.
@@ -736,7 +739,7 @@ class Broker:
         consume_ok = await raw.basic_consume(self.queue_name, self._on_delivery, no_ack=False)
         self._consumer_tag = consume_ok.consumer_tag
         self._publisher = publisher
-        self._spawn(self._binding_worker(raw))
+        self._binding_task = self._spawn(self._binding_worker(raw))
         self.disconnected_since = None
         self.connected.set()
         self.metrics.broker_connected.set(1)
@@ -839,7 +842,9 @@ class Broker:
         connection (541 INTERNAL_ERROR) of every publisher with confirms whose message
         is routed to a quorum queue as it expires or is deleted, so a replica going
         away while still bound would cut off the backends publishing to its users
-        (or to ``broadcast``) at that moment.
+        (or to ``broadcast``) at that moment. (Later versions reject such messages
+        instead, until rabbitmq-server#15333: the queue stops before its bindings
+        are removed.)
         """
         self._closing = True
         self._lost.set()
@@ -860,15 +865,19 @@ class Broker:
 
     async def _unbind_everything(self, timeout: float) -> None:
         """Release every key of both tables and wait until the binding worker has
-        unbound them all (at most ``timeout`` seconds, and only while connected)."""
+        unbound them all (at most ``timeout`` seconds, and only while it runs)."""
         for table in (self.bindings, self.history_bindings):
             for key in list(table.desired):
                 table.release(key)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 # The worker reports no completion of its own; a shutdown can poll.
-                while self.connected.is_set() and (
-                    self.bindings.bound or self.history_bindings.bound
+                worker = self._binding_task
+                while (
+                    self.connected.is_set()
+                    and worker is not None
+                    and not worker.done()
+                    and (self.bindings.bound or self.history_bindings.bound)
                 ):
                     await asyncio.sleep(0.02)
 
