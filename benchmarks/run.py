@@ -50,7 +50,16 @@ from notifyd.metrics import GC_TRACKED_MAX_AGE  # noqa: E402
 SECRET = "benchmark-secret-benchmark-secret-123456"
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
-ALL_SERVERS = ["notifyd", "notifyd-2w", "naive", "raw", "socketio", "notifyd-stream", "notifyd-sse"]
+ALL_SERVERS = [
+    "notifyd",
+    "notifyd-2w",
+    "naive",
+    "raw",
+    "socketio",
+    "notifyd-stream",
+    "notifyd-sse",
+    "notifyd-classic",
+]
 #: Every scenario (``--scenarios``); see benchmarks/README.md.
 SCENARIOS = ["idle", "fanout", "latency", "upstream", "storms", "resume", "churn"]
 #: The scenarios that share one server process with ``config["sockets"]`` sockets open.
@@ -173,6 +182,7 @@ def server_command(
                 "NOTIFYD_SERVER_WORKERS": "2" if kind == "notifyd-2w" else "1",
                 "NOTIFYD_SERVER_MAX_CONNECTIONS": "100000",
                 "NOTIFYD_HISTORY_BACKEND": "stream" if kind == "notifyd-stream" else "memory",
+                **({"NOTIFYD_AMQP_QUEUE_TYPE": "classic"} if kind == "notifyd-classic" else {}),
                 **(settings or {}),
             }
         )
@@ -456,6 +466,13 @@ class Bench:
             if "resume" in wanted:
                 with self.serving():
                     self.resume_storm()
+        elif self.kind == "notifyd-classic":
+            # The per-user path without the quorum queue's Raft log (RabbitMQ's share
+            # of the latency): notifyd's own, next to the default's.
+            if "latency" in wanted:
+                with self.serving():
+                    self.open_sockets()
+                    self.per_user_latency()
         elif self.kind == "notifyd-sse":
             # The fan-out over Server-Sent Events: same sockets, same broadcasts.
             if "fanout" in wanted:
