@@ -42,7 +42,7 @@ import aio_pika  # noqa: E402
 
 from benchmarks import lift_fd_limit  # noqa: E402
 from benchmarks.loadgen import LoadGenerator  # noqa: E402
-from notifyd.amqp import EXCHANGE  # noqa: E402
+from notifyd.amqp import EXCHANGE, HISTORY_STREAM  # noqa: E402
 from notifyd.auth import mint_token  # noqa: E402
 from notifyd.devbroker import RabbitNode, free_port  # noqa: E402
 from notifyd.metrics import GC_TRACKED_MAX_AGE  # noqa: E402
@@ -50,15 +50,17 @@ from notifyd.metrics import GC_TRACKED_MAX_AGE  # noqa: E402
 SECRET = "benchmark-secret-benchmark-secret-123456"
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "benchmarks" / "README.md"
+# notifyd-classic right after notifyd: its figures are read against notifyd's, so
+# RabbitMQ should be in the same state for both.
 ALL_SERVERS = [
     "notifyd",
+    "notifyd-classic",
     "notifyd-2w",
     "naive",
     "raw",
     "socketio",
     "notifyd-stream",
     "notifyd-sse",
-    "notifyd-classic",
 ]
 #: Every scenario (``--scenarios``); see benchmarks/README.md.
 SCENARIOS = ["idle", "fanout", "latency", "upstream", "storms", "resume", "churn"]
@@ -402,6 +404,18 @@ class Publisher:
         self.loop.close()
 
 
+def drop_queue(amqp_url: str, name: str) -> None:
+    """Delete a queue (or stream) a server left behind."""
+
+    async def drop() -> None:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+
+    asyncio.run(drop())
+
+
 def publish(kind: str, amqp_url: str, keys: list[str], rate: float | None = None) -> float:
     publisher = Publisher(kind, amqp_url)
     try:
@@ -466,6 +480,9 @@ class Bench:
             if "resume" in wanted:
                 with self.serving():
                     self.resume_storm()
+                # Bound to the notifyd exchange with "#", the stream would otherwise
+                # store every message the servers after this one are sent.
+                drop_queue(self.amqp_url, HISTORY_STREAM)
         elif self.kind == "notifyd-classic":
             # The per-user path without the quorum queue's Raft log (RabbitMQ's share
             # of the latency): notifyd's own, next to the default's.
