@@ -204,8 +204,8 @@ async def test_a_replica_going_away_does_not_cut_off_the_publishers_of_its_users
     finally:
         await broker.close()
         await runner
-    await asyncio.sleep(0.3)
-    stop.set()
+        await asyncio.sleep(0.3)  # publishing on after the queue is gone
+        stop.set()  # whatever happened: the thread must end for the run to end
     published, error = await asyncio.wait_for(publishing, 10)
     assert error == ""
     assert published > 10
