@@ -210,10 +210,15 @@ class RabbitNode(_CleanedUpOnExit):
         return self._process is not None and self._process.poll() is None
 
     @property
+    def log_dir(self) -> Path:
+        """Where the node writes its log files (and a crash dump)."""
+        return self.base_dir / "log"
+
+    @property
     def crash_dump(self) -> Path:
         # Erlang's default is the working directory: the repository, or (as root)
         # /var/lib/rabbitmq, where nothing would ever remove it.
-        return self.base_dir / "log" / "erl_crash.dump"
+        return self.log_dir / "erl_crash.dump"
 
     def _environment(self) -> dict[str, str]:
         base = self.base_dir
@@ -227,7 +232,7 @@ class RabbitNode(_CleanedUpOnExit):
             "RABBITMQ_NODE_PORT": str(self.amqp_port),
             "RABBITMQ_DIST_PORT": str(self.dist_port),
             "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(base / "log"),
+            "RABBITMQ_LOG_BASE": str(self.log_dir),
             "RABBITMQ_FEATURE_FLAGS_FILE": str(base / "feature_flags"),
             "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
             "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq"),
@@ -351,10 +356,15 @@ class RabbitNode(_CleanedUpOnExit):
 
     def log_tail(self, lines: int = 40) -> str:
         text = self._log.read_text(errors="replace") if self._log.exists() else ""
-        logs = sorted((self.base_dir / "log").glob("*.log"))
-        for path in logs:
-            text += path.read_text(errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
+        return "\n".join([*text.splitlines(), *self.log_lines()][-lines:])
+
+    def log_lines(self) -> list[str]:
+        """The lines of the node's own log files, file by file."""
+        return [
+            line
+            for path in sorted(self.log_dir.glob("*.log"))
+            for line in path.read_text(errors="replace").splitlines()
+        ]
 
     def ctl(self, *args: str, timeout: float = 30) -> str:
         """Run rabbitmqctl against this node; returns its output."""

@@ -242,7 +242,8 @@ class Hub:
             self.retained.release(key)
 
     def close(self) -> None:
-        """Cancel pending releases (on shutdown the queue goes away anyway)."""
+        """Cancel pending releases (on shutdown the broker unbinds every key itself,
+        before it deletes the queue)."""
         for timer in (self._release_timer, self._retain_timer):
             if timer is not None:
                 timer.cancel()

@@ -64,12 +64,7 @@ def report_broker_crashes(
 ) -> None:
     """Write the last ``reports`` crash reports in the node's log (channel and queue
     processes that terminated), ``lines_each`` lines of each, to the terminal."""
-    lines = [
-        line
-        for path in sorted((node.base_dir / "log").glob("*.log"))
-        for line in path.read_text(errors="replace").splitlines()
-        if "[error]" in line
-    ]
+    lines = [line for line in node.log_lines() if "[error]" in line]
     starts: list[int] = []
     for index, line in enumerate(lines):
         if any(m in line for m in _CRASH_MARKERS) and (
