@@ -699,6 +699,9 @@ class SocketServer:
         self._admission = Turns(ADMIT_BATCH)
         #: Turns for new HTTP connections' first bytes (:meth:`pace_requests`).
         self._parsing = Turns(PARSE_BATCH)
+        #: Connections the HTTP server accepted so far (:meth:`pace_requests`): how the
+        #: collector policy (:mod:`notifyd.gcpolicy`) tells a connect storm.
+        self.accepted = 0
         #: Ended sockets still to be cleaned up, a batch per event-loop pass.
         self._reaping: PerPass[Connection] = PerPass(REAP_BATCH, Connection.reap)
         #: Sockets upgraded and not yet authenticated, in total and by client address.
@@ -841,6 +844,7 @@ class SocketServer:
         registered = http_server.connection_made
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
+            self.accepted += 1
             registered(handler, transport)
             transport.set_protocol(_FirstBytes(handler, transport, turns))
 

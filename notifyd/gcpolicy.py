@@ -10,7 +10,7 @@ So every :data:`INTERVAL` seconds the young generations are collected (cheap:
 they hold only what the last interval allocated) and the survivors are frozen
 (``gc.freeze()``), out of the collector's reach. Steady traffic then only ever
 pays for young objects. During a connect storm (at least ``storm_step`` new
-sockets in an interval) even that one scan of each new socket's objects finds
+connections in an interval) even that one scan of each new socket's objects finds
 nothing to free (opening a socket leaves no cyclic garbage): new objects are
 then frozen without it.
 
@@ -65,29 +65,32 @@ class Action(enum.Enum):
 class CollectorPolicy:
     """When to collect young objects, freeze them unscanned, or collect everything.
 
-    ``closed`` is a running total of sockets closed. A full collection is due
-    ``max_full_interval`` seconds after the last one. Otherwise the young
-    generations are collected, unless ``storm_step`` or more sockets opened
-    since the last decision, or ``young`` (the objects a young collection would
-    scan) is ``young_limit`` or more: in a reconnect wave, hundreds of upgrades
-    wait for their turn (``SocketServer.admit``) before any socket counts as
-    opened, and scanning them (1-2 µs per object on a slow machine, with the
-    event loop stopped: 20k objects were a 20-40 ms stall, 6k one of 6-15 ms)
-    freed nothing in the churn benchmark.
+    ``connections`` is a running total of connections the server accepted. A full
+    collection is due ``max_full_interval`` seconds after the last one. Otherwise
+    the young generations are collected, unless ``storm_step`` or more
+    connections were accepted since the last decision, or ``young`` (the objects
+    a young collection would scan, as far as the interpreter's count knows) is
+    ``young_limit`` or more. Connections, not sockets opened: in a reconnect
+    wave hundreds of upgrades wait for their turn (``SocketServer.admit``) and
+    for their binding before any socket counts as opened, and scanning them (1-2
+    µs per object on a slow machine, with the event loop stopped: 20k objects
+    were a 20-40 ms stall, 6k one of 6-15 ms) freed nothing in the churn
+    benchmark. Nor can ``young`` see them then: the interpreter's count drops
+    with every frozen object freed, and a wave frees thousands (the sockets it
+    closes, each upgrade's request once its socket is taken over).
     """
 
     max_full_interval: float = 3600.0
     storm_step: int = 50
     young_limit: int = 2_000
     _last_full: float | None = None
-    _opened_seen: int = 0
+    _connections_seen: int = 0
 
-    def decide(self, open_now: int, closed: int, now: float, young: int = 0) -> Action:
+    def decide(self, connections: int, now: float, young: int = 0) -> Action:
         if self._last_full is None:
             self._last_full = now
-        opened = open_now + closed  # running total of sockets opened
-        storm = opened - self._opened_seen >= self.storm_step or young >= self.young_limit
-        self._opened_seen = opened
+        storm = connections - self._connections_seen >= self.storm_step or young >= self.young_limit
+        self._connections_seen = connections
         if now - self._last_full >= self.max_full_interval:
             self._last_full = now
             return Action.FULL
@@ -163,20 +166,24 @@ def installed() -> Iterator[None]:
 
 
 async def run(
-    sockets: Callable[[], tuple[int, int]],
+    connections: Callable[[], int],
     metrics: Metrics,
     policy: CollectorPolicy | None = None,
 ) -> None:
     """Apply ``policy`` every :data:`INTERVAL` until cancelled.
 
-    ``sockets()`` returns (open now, closed so far).
+    ``connections()`` returns how many connections the server has accepted so far.
     """
     policy = policy or CollectorPolicy()
     try:
         while True:
             await asyncio.sleep(INTERVAL)
-            young = gc.get_count()[0]  # tracked objects since the last freeze
-            apply(policy.decide(*sockets(), time.monotonic(), young), metrics)
+            # Tracked objects allocated since the last freeze, less every tracked object
+            # freed meanwhile, frozen ones included: an under-count whenever frozen
+            # objects are being freed (sockets closing, upgrades released after their
+            # take-over), hence ``connections`` as the measure of a storm.
+            young = gc.get_count()[0]
+            apply(policy.decide(connections(), time.monotonic(), young), metrics)
     finally:
         # The sockets are going away: let the ordinary collector see everything again.
         gc.unfreeze()

@@ -82,8 +82,6 @@ class Hub:
         self._retains: OrderedDict[str, float] = OrderedDict()
         self._retain_timer: asyncio.TimerHandle | None = None
         self._seq = 0
-        #: Running total of sockets removed (for the collector policy).
-        self.left = 0
         #: Called with a socket and True when it joins, False when it leaves
         #: (cluster-wide presence and per-user limit, notifyd.cluster).
         self.on_change: Callable[[Subscriber, bool], None] | None = None
@@ -136,7 +134,6 @@ class Hub:
         if subscriber not in self._all:
             return
         self._all.discard(subscriber)
-        self.left += 1
         sockets = self._users.get(subscriber.user)
         if sockets is not None:
             sockets.discard(subscriber)

@@ -204,3 +204,23 @@ async def test_a_first_read_larger_than_a_request_head_is_refused_without_waitin
     first_pass = min(at for _, at in parsed)
     assert (len(oversized), first_pass) in parsed
     assert Counter(at for _, at in parsed)[first_pass] == PARSE_BATCH + 1
+
+
+async def test_connections_are_counted_when_accepted_before_any_request(
+    make_server: ServerFactory,
+) -> None:
+    # The collector policy's measure of a connect storm (notifyd.gcpolicy): a
+    # reconnect wave's connections count while their upgrades still wait.
+    server = await make_server()
+    sockets = server.gateway.sockets
+    before = sockets.accepted
+    clients = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(5)]
+    try:
+        deadline = asyncio.get_running_loop().time() + 5
+        while sockets.accepted < before + len(clients):
+            assert asyncio.get_running_loop().time() < deadline, sockets.accepted - before
+            await asyncio.sleep(0.01)
+        assert sockets.accepted == before + len(clients)
+    finally:
+        for client in clients:
+            client.close()
