@@ -776,7 +776,7 @@ async def serve(
         # with a full collection, no use pausing the drain for it.
         stack.enter_context(gcpolicy.installed())
         collector = loop.create_task(
-            gcpolicy.run(lambda: gateway.sockets.accepted, gateway.metrics),
+            gcpolicy.run(lambda: gateway.sockets.admissions, gateway.metrics),
             name="notifyd-gc",
         )
         stack.push_async_callback(cancel_and_wait, collector)

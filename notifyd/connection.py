@@ -699,9 +699,9 @@ class SocketServer:
         self._admission = Turns(ADMIT_BATCH)
         #: Turns for new HTTP connections' first bytes (:meth:`pace_requests`).
         self._parsing = Turns(PARSE_BATCH)
-        #: Connections the HTTP server accepted so far (:meth:`pace_requests`): how the
+        #: Turns asked for at the admission gate so far (:meth:`admit`): how the
         #: collector policy (:mod:`notifyd.gcpolicy`) tells a connect storm.
-        self.accepted = 0
+        self.admissions = 0
         #: Ended sockets still to be cleaned up, a batch per event-loop pass.
         self._reaping: PerPass[Connection] = PerPass(REAP_BATCH, Connection.reap)
         #: Sockets upgraded and not yet authenticated, in total and by client address.
@@ -844,7 +844,6 @@ class SocketServer:
         registered = http_server.connection_made
 
         def connection_made(handler: Any, transport: asyncio.Transport) -> None:
-            self.accepted += 1
             registered(handler, transport)
             transport.set_protocol(_FirstBytes(handler, transport, turns))
 
@@ -863,6 +862,7 @@ class SocketServer:
         when RabbitMQ confirms a batch of bindings) take the same turns for their
         welcome.
         """
+        self.admissions += 1
         await self._admission.wait()
 
     def reap_later(self, connection: Connection) -> None:

@@ -9,8 +9,8 @@ stopped the event loop for ~1 s, a middle-generation one for 30-70 ms.
 So every :data:`INTERVAL` seconds the young generations are collected (cheap:
 they hold only what the last interval allocated) and the survivors are frozen
 (``gc.freeze()``), out of the collector's reach. Steady traffic then only ever
-pays for young objects. During a connect storm (at least ``storm_step`` new
-connections in an interval) even that one scan of each new socket's objects finds
+pays for young objects. During a connect storm (``storm_step`` or more new
+sockets asking to be admitted in an interval) even that one scan of each new socket's objects finds
 nothing to free (opening a socket leaves no cyclic garbage): new objects are
 then frozen without it.
 
@@ -65,32 +65,35 @@ class Action(enum.Enum):
 class CollectorPolicy:
     """When to collect young objects, freeze them unscanned, or collect everything.
 
-    ``connections`` is a running total of connections the server accepted. A full
-    collection is due ``max_full_interval`` seconds after the last one. Otherwise
-    the young generations are collected, unless ``storm_step`` or more
-    connections were accepted since the last decision, or ``young`` (the objects
-    a young collection would scan, as far as the interpreter's count knows) is
-    ``young_limit`` or more. Connections, not sockets opened: in a reconnect
-    wave hundreds of upgrades wait for their turn (``SocketServer.admit``) and
-    for their binding before any socket counts as opened, and scanning them (1-2
-    µs per object on a slow machine, with the event loop stopped: 20k objects
-    were a 20-40 ms stall, 6k one of 6-15 ms) freed nothing in the churn
+    ``admissions`` is a running total of turns asked for at the server's
+    admission gate (``SocketServer.admit``: a new socket's upgrade or SSE stream,
+    and its welcome). A full collection is due ``max_full_interval`` seconds
+    after the last one. Otherwise the young generations are collected, unless
+    ``storm_step`` or more turns were asked for since the last decision, or
+    ``young`` (the objects a young collection would scan, as far as the
+    interpreter's count knows) is ``young_limit`` or more. Asked for, not
+    sockets opened: in a reconnect wave hundreds of upgrades wait for their turn
+    and for their binding before any socket counts as opened, and scanning them
+    (1-2 µs per object on a slow machine, with the event loop stopped: 20k
+    objects were a 20-40 ms stall, 6k one of 6-15 ms) freed nothing in the churn
     benchmark. Nor can ``young`` see them then: the interpreter's count drops
     with every frozen object freed, and a wave frees thousands (the sockets it
-    closes, each upgrade's request once its socket is taken over).
+    closes, each upgrade's request once its socket is taken over). Plain HTTP
+    requests (``/api/*``, ``/metrics``) never ask: their garbage is collected
+    young, however many come.
     """
 
     max_full_interval: float = 3600.0
     storm_step: int = 50
     young_limit: int = 2_000
     _last_full: float | None = None
-    _connections_seen: int = 0
+    _admissions_seen: int = 0
 
-    def decide(self, connections: int, now: float, young: int = 0) -> Action:
+    def decide(self, admissions: int, now: float, young: int = 0) -> Action:
         if self._last_full is None:
             self._last_full = now
-        storm = connections - self._connections_seen >= self.storm_step or young >= self.young_limit
-        self._connections_seen = connections
+        storm = admissions - self._admissions_seen >= self.storm_step or young >= self.young_limit
+        self._admissions_seen = admissions
         if now - self._last_full >= self.max_full_interval:
             self._last_full = now
             return Action.FULL
@@ -166,13 +169,14 @@ def installed() -> Iterator[None]:
 
 
 async def run(
-    connections: Callable[[], int],
+    admissions: Callable[[], int],
     metrics: Metrics,
     policy: CollectorPolicy | None = None,
 ) -> None:
     """Apply ``policy`` every :data:`INTERVAL` until cancelled.
 
-    ``connections()`` returns how many connections the server has accepted so far.
+    ``admissions()`` returns how many turns the server's admission gate was asked for
+    so far.
     """
     policy = policy or CollectorPolicy()
     try:
@@ -181,9 +185,9 @@ async def run(
             # Tracked objects allocated since the last freeze, less every tracked object
             # freed meanwhile, frozen ones included: an under-count whenever frozen
             # objects are being freed (sockets closing, upgrades released after their
-            # take-over), hence ``connections`` as the measure of a storm.
+            # take-over), hence ``admissions`` as the measure of a storm.
             young = gc.get_count()[0]
-            apply(policy.decide(connections(), time.monotonic(), young), metrics)
+            apply(policy.decide(admissions(), time.monotonic(), young), metrics)
     finally:
         # The sockets are going away: let the ordinary collector see everything again.
         gc.unfreeze()

@@ -9,47 +9,47 @@ from notifyd.gcpolicy import Action, CollectorPolicy, TrackedObjects, apply
 from notifyd.metrics import Metrics
 
 
-def settled(connections: int, **options: float) -> CollectorPolicy:
-    """A policy that has already seen ``connections`` accepted (the storm is over)."""
+def settled(admissions: int, **options: float) -> CollectorPolicy:
+    """A policy that has already seen ``admissions`` turns asked for (the storm is over)."""
     policy = CollectorPolicy(**options)  # type: ignore[arg-type]
-    policy.decide(connections=connections, now=0.0)
+    policy.decide(admissions=admissions, now=0.0)
     return policy
 
 
 def test_a_connect_storm_is_frozen_without_a_scan_then_young_ones_are_collected() -> None:
     policy = CollectorPolicy(storm_step=200)
-    assert policy.decide(connections=1_000, now=0.0) is Action.FREEZE
-    assert policy.decide(connections=1_199, now=0.5) is Action.YOUNG  # 199 new
-    assert policy.decide(connections=1_399, now=1.0) is Action.FREEZE  # 200 new
-    assert policy.decide(connections=1_399, now=1.5) is Action.YOUNG
+    assert policy.decide(admissions=1_000, now=0.0) is Action.FREEZE
+    assert policy.decide(admissions=1_199, now=0.5) is Action.YOUNG  # 199 new
+    assert policy.decide(admissions=1_399, now=1.0) is Action.FREEZE  # 200 new
+    assert policy.decide(admissions=1_399, now=1.5) is Action.YOUNG
 
 
 def test_a_large_young_generation_is_frozen_without_a_scan() -> None:
     policy = settled(1_000, young_limit=20_000)
-    assert policy.decide(connections=1_000, now=0.5, young=19_999) is Action.YOUNG
-    assert policy.decide(connections=1_000, now=1.0, young=20_000) is Action.FREEZE
-    assert policy.decide(connections=1_000, now=1.5, young=100) is Action.YOUNG
+    assert policy.decide(admissions=1_000, now=0.5, young=19_999) is Action.YOUNG
+    assert policy.decide(admissions=1_000, now=1.0, young=20_000) is Action.FREEZE
+    assert policy.decide(admissions=1_000, now=1.5, young=100) is Action.YOUNG
 
 
 def test_churn_alone_never_triggers_a_full_collection() -> None:
     # Closed sockets are freed by reference counting: no full collection is needed.
     policy = settled(10_000)
     assert all(
-        policy.decide(connections=10_000 + new, now=new / 1000) is not Action.FULL
+        policy.decide(admissions=10_000 + new, now=new / 1000) is not Action.FULL
         for new in range(0, 100_000, 500)
     )
 
 
 def test_a_full_collection_runs_only_as_a_safety_net_every_max_full_interval() -> None:
     policy = settled(50, max_full_interval=60.0)
-    assert policy.decide(connections=50, now=59.0) is Action.YOUNG
-    assert policy.decide(connections=50, now=60.0) is Action.FULL
-    assert policy.decide(connections=50, now=61.0) is Action.YOUNG
-    assert policy.decide(connections=50, now=120.0) is Action.FULL
+    assert policy.decide(admissions=50, now=59.0) is Action.YOUNG
+    assert policy.decide(admissions=50, now=60.0) is Action.FULL
+    assert policy.decide(admissions=50, now=61.0) is Action.YOUNG
+    assert policy.decide(admissions=50, now=120.0) is Action.FULL
 
 
 def test_the_young_count_misses_objects_once_frozen_ones_are_freed() -> None:
-    # Why a storm is told by connections accepted: in a reconnect wave the sockets
+    # Why a storm is told by sockets asking to be admitted: in a reconnect wave the sockets
     # that close (frozen long ago) are freed while the new ones' objects pile up,
     # and each free lowers the interpreter's count of young objects.
     enabled = gc.isenabled()
