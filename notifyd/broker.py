@@ -31,9 +31,11 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection
+from aio_pika.connection import make_url
 from aiormq.abc import AbstractChannel as RawChannel
 from aiormq.abc import ChannelFrame, DeliveredMessage
 from pamqp.commands import Basic, Queue
+from pamqp.common import FieldTable
 from prometheus_client import Gauge
 
 from . import frames
@@ -102,6 +104,25 @@ _closing_channels: set[asyncio.Future[Any]] = set()
 #: Seconds a closed channel's late frames are discarded while RabbitMQ has not
 #: confirmed its close (then the connection is lost anyway: heartbeats).
 _DISCARD_FOR = 60.0
+
+
+async def open_connection(url: str, name: str | None = None) -> AbstractConnection:
+    """An AMQP connection to ``url``, open within :data:`CONNECT_TIMEOUT` (``name``: the
+    ``connection_name`` RabbitMQ's management shows), or the error.
+
+    A connection that could not be opened is closed here rather than left to the
+    garbage collector: aio-pika's ``__del__`` then schedules its ``close()``, which,
+    when the collector happens to run outside the event loop's thread, is never
+    awaited (a ``RuntimeWarning`` per failed attempt of a broker outage).
+    """
+    properties: FieldTable | None = {"connection_name": name} if name else None
+    connection = aio_pika.Connection(make_url(url), client_properties=properties)
+    try:
+        await asyncio.wait_for(connection.connect(), CONNECT_TIMEOUT)
+    except BaseException:
+        await connection.close()
+        raise
+    return connection
 
 
 async def close_channel(channel: AbstractChannel) -> None:
@@ -690,12 +711,7 @@ class Broker:
     async def _connect(self, url: str) -> None:
         self._lost.clear()
         self.current_url = url
-        connection = await asyncio.wait_for(
-            aio_pika.connect(
-                url, client_properties={"connection_name": f"notifyd {self.replica_id}"}
-            ),
-            timeout=CONNECT_TIMEOUT,
-        )
+        connection = await open_connection(url, f"notifyd {self.replica_id}")
         self._connection = connection
         connection.close_callbacks.add(self._on_lost)
         publisher = await connection.channel(publisher_confirms=True)

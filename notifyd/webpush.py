@@ -55,6 +55,7 @@ from .broker import (
     declare_queue,
     default_replica_id,
     offline_queue_arguments,
+    open_connection,
     scratch_channel,
 )
 from .config import Settings, WebPushSettings, redact_url
@@ -242,7 +243,7 @@ class WebPushWorker:
         while not self._stopping.is_set():
             url = urls[failures % len(urls)]
             try:
-                connection = await aio_pika.connect(url, timeout=CONNECT_TIMEOUT)
+                connection = await open_connection(url)
             except (OSError, aiormq.AMQPError, TimeoutError, RuntimeError) as exc:
                 failures += 1
                 delay = min(amqp.reconnect_max, amqp.reconnect_min * 2 ** (failures // len(urls)))
