@@ -17,7 +17,7 @@ import aio_pika
 import aiohttp
 import pytest
 
-from notifyd.broker import close_channel, scratch_channel
+from notifyd.broker import close_channel, open_connection, scratch_channel
 from notifyd.devbroker import RabbitNode
 
 from .conftest import (
@@ -49,7 +49,9 @@ async def _publish_reliably(url: str, routing_key: str, ids: list[str]) -> None:
         assert time.monotonic() < deadline, f"{len(pending)} messages never confirmed"
         try:
             if connection is None or connection.is_closed:
-                connection = await aio_pika.connect(url)
+                # One that cannot be opened (the broker is down) is closed there, not
+                # left to its finalizer (an un-awaited close coroutine).
+                connection = await open_connection(url)
                 channel = await connection.channel(publisher_confirms=True)
                 exchange = await channel.get_exchange("notifyd")
             batch = pending[:50]
