@@ -103,7 +103,8 @@ class Timed(collections.abc.Coroutine):  # type: ignore[type-arg]
 def _on_gc(phase: str, info: dict[str, Any]) -> None:
     if phase == "start":
         state.gc_started = perf()
-        # The objects the collection is to scan (the youngest generation's count).
+        # The objects the collection is to scan, as the interpreter counts them: too
+        # few once frozen objects were freed (see notifyd.gcpolicy.CollectorPolicy).
         entry = spent[f"gc gen{info['generation']} young objects"]
         entry[0] = max(entry[0], gc.get_count()[0])
     else:

@@ -10,9 +10,9 @@ So every :data:`INTERVAL` seconds the young generations are collected (cheap:
 they hold only what the last interval allocated) and the survivors are frozen
 (``gc.freeze()``), out of the collector's reach. Steady traffic then only ever
 pays for young objects. During a connect storm (``storm_step`` or more new
-sockets asking to be admitted in an interval) even that one scan of each new socket's objects finds
-nothing to free (opening a socket leaves no cyclic garbage): new objects are
-then frozen without it.
+sockets asking to be admitted in an interval) even that one scan of each new
+socket's objects finds nothing to free (opening a socket leaves no cyclic
+garbage): new objects are then frozen without it.
 
 Freezing hides cyclic garbage that frozen objects become later. A closed socket
 leaves none (:mod:`notifyd.connection` breaks every reference cycle when a
@@ -182,10 +182,8 @@ async def run(
     try:
         while True:
             await asyncio.sleep(INTERVAL)
-            # Tracked objects allocated since the last freeze, less every tracked object
-            # freed meanwhile, frozen ones included: an under-count whenever frozen
-            # objects are being freed (sockets closing, upgrades released after their
-            # take-over), hence ``admissions`` as the measure of a storm.
+            # The interpreter's count: low while frozen objects are freed (see
+            # CollectorPolicy), which is why admissions tell a storm.
             young = gc.get_count()[0]
             apply(policy.decide(admissions(), time.monotonic(), young), metrics)
     finally:
